@@ -1,0 +1,22 @@
+# cropmap: wall-to-wall crop maps from multi-modal EO stacks.
+# Thin on purpose: config, validation, rule files. All logic lives in src/cropmap.
+
+
+configfile: "config.yaml"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/fetch.smk"
+include: "workflow/rules/stack.smk"
+include: "workflow/rules/labels.smk"
+include: "workflow/rules/train.smk"
+include: "workflow/rules/predict.smk"
+include: "workflow/rules/maps.smk"
+include: "workflow/rules/report.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        rules.maps.input,
+        rules.report.output,

@@ -1,0 +1,7 @@
+"""``python -m cropmap``."""
+
+import sys
+
+from cropmap.cli import main
+
+sys.exit(main())

@@ -1,0 +1,151 @@
+"""Command line of the pipeline stages: ``cropmap <stage> --params JSON [paths]``.
+
+The Snakemake rules call these; each one can also be run by hand. ``--params`` is the JSON
+produced by :func:`cropmap.config.stage_params`. Errors of cropmap itself are printed as one
+line (the message names the file or key and the fix) with exit status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from cropmap.errors import CropmapError
+from cropmap.grid import Grid
+
+log = logging.getLogger("cropmap")
+
+
+def _grid(p: dict) -> Grid:
+    return Grid(**p["grid"])
+
+
+def cmd_fetch(a: argparse.Namespace, p: dict[str, Any]) -> None:
+    from cropmap import availability, fetch
+
+    files = fetch.run(p, Path(a.raw_dir), Path(a.cache_dir))
+    availability.write_report({m: f for m, f in files.items() if m != "fields"}, Path(a.availability), p["modalities"])
+
+
+def cmd_stack(a: argparse.Namespace, p: dict[str, Any]) -> None:
+    from cropmap import stack
+
+    out = Path(a.out_dir)
+    with _atomic_dir(out) as tmp:
+        stack.run(Path(a.raw_dir), tmp, _grid(p), p["months"], p["modalities"])
+
+
+def cmd_labels(a: argparse.Namespace, p: dict[str, Any]) -> None:
+    from cropmap import labels
+
+    lab = p["labels"] or {"path": str(Path(a.raw_dir) / "fields.gpkg"), "column": "code", "layer": None}
+    labels.run(Path(lab["path"]), Path(a.out_tif), Path(a.out_gpkg), _grid(p), p["classes"], column=lab.get("column", "code"),
+               layer=lab.get("layer"), block_size=p["split"]["block_size"], fractions=p["split"]["fractions"], seed=p["seed"])
+
+
+def cmd_chips(a: argparse.Namespace, p: dict[str, Any]) -> None:
+    from cropmap import tiles
+
+    tiles.run(Path(a.stack_dir), Path(a.labels), Path(a.out), _grid(p), p["months"], p["modalities"], p["size"], p["min_valid_fraction"])
+
+
+def cmd_train(a: argparse.Namespace, p: dict[str, Any]) -> None:
+    from cropmap import train
+
+    settings = train.TrainSettings.from_config(p, a.task, p["months"])
+    summary = train.run(settings, Path(a.stack_dir), Path(a.labels), Path(a.chips), _grid(p), Path(a.out), Path(a.work_dir))
+    log.info("trained: %s", json.dumps(summary))
+
+
+def cmd_predict(a: argparse.Namespace, p: dict[str, Any]) -> None:
+    from cropmap import predict
+
+    pr = p["prediction"]
+    predict.run(Path(a.model), Path(a.stack_dir), _grid(p), a.tile, Path(a.out), tile_size=pr["tile_size"],
+                modalities=p["modalities"], chip_size=p["chip_size"], overlap=pr["overlap"], batch_size=pr["batch_size"],
+                device=pr["device"], probabilities=pr["probabilities"])
+
+
+def cmd_maps(a: argparse.Namespace, p: dict[str, Any]) -> None:
+    from cropmap import maps
+
+    tiles = sorted(Path(a.tiles_dir).glob("*.tif")) if a.tiles_dir else [Path(t) for t in a.tiles]
+    tags = {"cropmap_region": p["region"], "cropmap_method": p["model"]["method"], "cropmap_task": p["model"]["task"],
+            "cropmap_season": f"{p['months'][0]}/{p['months'][-1]}", "cropmap_sources": json.dumps(p["sources"])}
+    out = Path(a.out)
+    maps.mosaic_to_cog(tiles, out, _grid(p), p["classes"], tags=tags, proba_out=Path(a.proba) if a.proba else None)
+    maps.quicklook(out, Path(a.quicklook), p["classes"], title=f"cropmap {p['region']} ({p['model']['method']})")
+    maps.stac_item(out, Path(a.stac), p["region"], p["classes"], bbox=p["bbox"], months=p["months"], sources=p["sources"], model=p["model"])
+
+
+def cmd_report(a: argparse.Namespace, p: dict[str, Any]) -> None:
+    from cropmap import report
+
+    ev = p["evaluation"]
+    df = report.evaluate(Path(a.model), Path(a.stack_dir), Path(a.labels), Path(a.chips), _grid(p),
+                         max_pixels_per_class=ev["max_pixels_per_class"], seed=p["seed"],
+                         device=p["prediction"]["device"], batch_size=p["prediction"]["batch_size"])
+    report.write_metrics(df, Path(a.out))
+    log.info("metrics:\n%s", df.round(1).to_string(index=False))
+
+
+def cmd_html(a: argparse.Namespace, p: dict[str, Any]) -> None:
+    from cropmap import report
+
+    regions = {name: {k: Path(v) for k, v in files.items()} for name, files in json.loads(a.regions).items()}
+    report.html_report(regions, Path(a.out))
+
+
+def _atomic_dir(path: Path) -> Any:
+    from cropmap.io import atomic_dir
+
+    return atomic_dir(path)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``cropmap`` argument parser."""
+    ap = argparse.ArgumentParser(prog="cropmap", description=__doc__)
+    ap.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = ap.add_subparsers(dest="stage", required=True)
+
+    def add(name: str, fn: Any, *args: str, **flags: dict[str, Any]) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name)
+        sp.add_argument("--params", default="{}", help="stage parameters as JSON (see cropmap.config.stage_params)")
+        for arg in args:
+            sp.add_argument(f"--{arg.replace('_', '-')}", dest=arg, required=True)
+        for arg, kw in flags.items():
+            sp.add_argument(f"--{arg.replace('_', '-')}", dest=arg, **kw)
+        sp.set_defaults(fn=fn)
+        return sp
+
+    add("fetch", cmd_fetch, "raw_dir", "cache_dir", "availability")
+    add("stack", cmd_stack, "raw_dir", "out_dir")
+    add("labels", cmd_labels, "raw_dir", "out_tif", "out_gpkg")
+    add("chips", cmd_chips, "stack_dir", "labels", "out")
+    add("train", cmd_train, "stack_dir", "labels", "chips", "out", "work_dir", task={"choices": ["classification", "segmentation"], "required": True})
+    add("predict", cmd_predict, "model", "stack_dir", "tile", "out")
+    add("maps", cmd_maps, "out", "quicklook", "stac", tiles_dir={"default": None}, tiles={"nargs": "*", "default": []}, proba={"default": None})
+    add("report", cmd_report, "model", "stack_dir", "labels", "chips", "out")
+    add("html", cmd_html, "regions", "out")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``cropmap`` console script."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    params = json.loads(args.params)
+    try:
+        args.fn(args, params)
+    except CropmapError as exc:
+        print(f"cropmap {args.stage}: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,217 @@
+"""Config loading and validation: JSON schema (with defaults) plus semantic checks.
+
+Every problem is reported as one :class:`~cropmap.errors.ConfigError` line naming the key and
+the fix. The schema lives in ``workflow/schemas/config.schema.yaml`` and is the single source of
+defaults and descriptions.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+from cropmap.errors import ConfigError
+from cropmap.grid import Grid, season_months
+
+SCHEMA_PATH = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
+
+
+def _with_defaults(cls: type) -> type:
+    """A validator class that fills ``default`` values into the instance while validating."""
+    validate_props = cls.VALIDATORS["properties"]
+
+    def set_defaults(validator: Any, properties: dict, instance: Any, schema: dict) -> Iterator[Any]:
+        if isinstance(instance, dict):
+            for name, sub in properties.items():
+                if "default" in sub and name not in instance:
+                    instance[name] = copy.deepcopy(sub["default"])
+        yield from validate_props(validator, properties, instance, schema)
+
+    return jsonschema.validators.extend(cls, {"properties": set_defaults})
+
+
+def _key_path(err: jsonschema.ValidationError) -> str:
+    parts = [str(p) for p in err.absolute_path]
+    return ".".join(parts) if parts else "(top level)"
+
+
+def _one_line(err: jsonschema.ValidationError) -> str:
+    key = _key_path(err)
+    if err.validator == "additionalProperties":
+        allowed = sorted(err.schema.get("properties", {}))
+        extra = sorted(set(err.instance) - set(allowed)) if isinstance(err.instance, dict) else []
+        hint = f"valid keys: {', '.join(allowed)}" if allowed else "remove it"
+        return f"config key {key}: unknown key(s) {', '.join(map(repr, extra))}; {hint}"
+    if err.validator == "pattern" and err.schema.get("pattern") == "^[a-z0-9_-]+$":
+        return f"config key {key}: {err.instance!r} is not a slug; use lower-case letters, digits, '_' and '-' only"
+    if err.validator == "propertyNames":
+        return f"config key {key}: name {err.instance!r} is not allowed; {err.message}"
+    if err.validator == "enum":
+        return f"config key {key}: {err.instance!r} is not one of {err.validator_value}"
+    if err.validator == "type":
+        return f"config key {key}: {err.instance!r} should be of type {err.validator_value}"
+    if err.validator == "required":
+        return f"config key {key}: {err.message}; add it (see workflow/schemas/config.schema.yaml)"
+    return f"config key {key}: {err.message}"
+
+
+def load_schema(path: Path = SCHEMA_PATH) -> dict:
+    """Read the config JSON schema."""
+    with open(path) as fh:
+        return yaml.safe_load(fh)
+
+
+def validate(config: dict, schema: dict | None = None) -> dict:
+    """Validate ``config`` in place (filling defaults) and check its semantics.
+
+    Args:
+        config: the parsed config mapping.
+        schema: the JSON schema; read from :data:`SCHEMA_PATH` when ``None``.
+
+    Returns:
+        The same mapping with defaults filled in.
+
+    Raises:
+        ConfigError: one line naming the first bad key and the fix.
+    """
+    schema = schema or load_schema()
+    validator = _with_defaults(jsonschema.Draft202012Validator)(schema)
+    errors = sorted(validator.iter_errors(config), key=lambda e: (len(e.absolute_path), str(e.absolute_path)))
+    if errors:
+        err = errors[0]
+        # propertyNames errors point at the parent; name the offending key instead.
+        if err.validator == "propertyNames" and err.instance and isinstance(err.instance, str):
+            parent = _key_path(err)
+            raise ConfigError(
+                f"config key {parent}.{err.instance}: name {err.instance!r} is not a slug; "
+                "use lower-case letters, digits, '_' and '-' only"
+            )
+        raise ConfigError(_one_line(err))
+    _check_semantics(config)
+    return config
+
+
+def _check_semantics(config: dict) -> None:
+    ids = [c["id"] for c in config["classes"]]
+    names = [c["name"] for c in config["classes"]]
+    for label, values in (("id", ids), ("name", names)):
+        dup = sorted({v for v in values if values.count(v) > 1})
+        if dup:
+            raise ConfigError(f"config key classes: duplicate class {label}(s) {dup}; give every class a unique {label}")
+    seen_codes: dict[str, str] = {}
+    for c in config["classes"]:
+        for code in c.get("codes", []):
+            if str(code) in seen_codes and seen_codes[str(code)] != c["name"]:
+                raise ConfigError(
+                    f"config key classes: code {code!r} maps to both {seen_codes[str(code)]} and {c['name']}; keep it in one class"
+                )
+            seen_codes[str(code)] = c["name"]
+    for name, region in config["regions"].items():
+        key = f"regions.{name}"
+        lon0, lat0, lon1, lat1 = region["bbox"]
+        if lon1 <= lon0 or lat1 <= lat0:
+            try:
+                Grid.from_bbox(region["bbox"])
+            except ConfigError as exc:
+                raise ConfigError(f"config key {key}.bbox: {exc}") from None
+        try:
+            season_months(region["season"]["start"], region["season"]["end"])
+        except ConfigError as exc:
+            raise ConfigError(f"config key {key}.season: {exc}") from None
+        src = region_source(region, "s2")  # validates nothing more; keeps symmetry
+        del src
+        frm = region.get("model_from")
+        if frm is not None and frm not in config["regions"]:
+            raise ConfigError(f"config key {key}.model_from: region {frm!r} is not in regions; name one of {sorted(config['regions'])}")
+        if region.get("labels") is None and region.get("source", "synthetic") != "synthetic" and frm is None:
+            raise ConfigError(
+                f"config key {key}: a region without labels needs model_from (a region whose model predicts it); add labels.path or model_from"
+            )
+        if frm is not None and config["regions"][frm].get("model_from") is not None:
+            raise ConfigError(f"config key {key}.model_from: {frm} itself borrows a model; point to a region with labels")
+    fr = config["split"]["fractions"]
+    if not sum(fr.values()) > 0 or fr["train"] <= 0 or fr["val"] <= 0 or fr["test"] <= 0:
+        raise ConfigError("config key split.fractions: train, val and test must all be > 0, e.g. {train: 0.7, val: 0.15, test: 0.15}")
+    if config["split"]["block_size"] % config["chips"]["size"]:
+        raise ConfigError(
+            f"config key chips.size: {config['chips']['size']} must divide split.block_size {config['split']['block_size']} "
+            "so that every chip lies in one split; e.g. chips.size 32 with block_size 64"
+        )
+
+
+def region_source(region: dict, modality: str) -> str:
+    """Source serving ``modality`` for ``region`` (per-modality override first)."""
+    return str(region.get("sources", {}).get(modality, region.get("source", "synthetic")))
+
+
+def load(path: str | Path) -> dict:
+    """Read and validate a YAML config file."""
+    with open(path) as fh:
+        config = yaml.safe_load(fh) or {}
+    if not isinstance(config, dict):
+        raise ConfigError(f"{path}: the config must be a mapping of keys (regions, classes, ...)")
+    return validate(config)
+
+
+def region_grid(region: dict) -> Grid:
+    """The grid of a region from its config block."""
+    return Grid.from_bbox(region["bbox"], res=float(region.get("resolution", 10)), crs=region.get("crs"))
+
+
+def region_months(region: dict) -> list[str]:
+    """Month labels of the region's season."""
+    return season_months(region["season"]["start"], region["season"]["end"])
+
+
+def dumps(obj: Any) -> str:
+    """Compact, key-sorted JSON used to pass config blocks to stages (stable for rerun triggers)."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"))
+
+
+def model_region(config: dict, region: str) -> str:
+    """Region whose model predicts ``region`` (itself unless ``model_from`` is set)."""
+    return config["regions"][region].get("model_from") or region
+
+
+def has_labels(config: dict, region: str) -> bool:
+    """Whether the region brings labels (synthetic regions always do)."""
+    r = config["regions"][region]
+    return r.get("labels") is not None or r.get("source", "synthetic") == "synthetic"
+
+
+def stage_params(config: dict, stage: str, region: str) -> dict[str, Any]:
+    """The config subset a stage of ``region`` depends on.
+
+    Rules pass it to the stage as JSON, so Snakemake reruns a job exactly when its part of
+    the config changed (adding a region changes no other region's parameters).
+    """
+    r = config["regions"][region]
+    grid = region_grid(r).to_dict()
+    months = region_months(r)
+    base = {"region": region, "grid": grid, "months": months, "modalities": config["modalities"]}
+    if stage == "fetch":
+        return base | {"config": r, "classes": config["classes"], "seed": config["seed"]}
+    if stage == "stack":
+        return base
+    if stage == "labels":
+        return base | {"labels": r.get("labels"), "classes": config["classes"], "split": config["split"], "seed": config["seed"]}
+    if stage == "chips":
+        return base | {"size": config["chips"]["size"], "min_valid_fraction": config["availability"]["min_valid_fraction"]}
+    if stage == "train":
+        return base | {k: config[k] for k in ("model", "training", "classes", "availability", "seed")}
+    if stage == "predict":
+        return base | {"prediction": config["prediction"], "chip_size": config["chips"]["size"]}
+    if stage == "maps":
+        sources = {m: region_source(r, m) for m in config["modalities"]}
+        return base | {"classes": config["classes"], "bbox": r["bbox"], "sources": sources,
+                       "model": {"method": config["model"]["method"], "task": config["model"]["task"],
+                                 "trained_on": model_region(config, region)}}
+    if stage == "report":
+        return base | {"evaluation": config["evaluation"], "seed": config["seed"], "prediction": config["prediction"]}
+    raise ValueError(f"unknown stage {stage!r}")

@@ -1,0 +1,34 @@
+"""Domain exceptions. Each subclasses a built-in and its message says what to do."""
+
+from __future__ import annotations
+
+
+class CropmapError(Exception):
+    """Base class of every cropmap error."""
+
+
+class ConfigError(CropmapError, ValueError):
+    """A config value is invalid; the message names the key and the fix."""
+
+
+class GridMismatchError(CropmapError, ValueError):
+    """A raster is not on its region's grid; the message names the file."""
+
+
+class CorruptRasterError(CropmapError, OSError):
+    """A raster cannot be read completely; the message names the file and how to rebuild it."""
+
+
+class SourceError(CropmapError, RuntimeError):
+    """A data source (Earth Engine, STAC) failed after its retries."""
+
+
+class LabelError(CropmapError, ValueError):
+    """A label file has a problem (unknown class code, missing column)."""
+
+
+class UnknownNameError(CropmapError, KeyError):
+    """A name (method, encoder, modality) is not one of the valid choices; the message lists them."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; keep it readable.
+        return str(self.args[0]) if self.args else ""

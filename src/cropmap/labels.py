@@ -1,0 +1,151 @@
+"""Stage ``labels``: rasterise labelled field polygons onto the grid and split it spatially.
+
+``labels.tif`` has two uint8 bands: ``class`` (class id, 255 = unlabelled, with colour table)
+and ``split`` (0 train, 1 val, 2 test). Splits are assigned per square block of
+``block_size`` pixels, so no block (and no field inside one block) is in two splits.
+``labels.gpkg`` holds the polygons reprojected to the grid CRS with ``class_id``/``class_name``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import geopandas as gpd
+import numpy as np
+import rasterio
+from rasterio.features import rasterize
+
+from cropmap.errors import LabelError
+from cropmap.grid import Grid
+from cropmap.io import atomic_path
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+NODATA = 255
+
+
+def hex_to_rgba(colour: str) -> tuple[int, int, int, int]:
+    """``#rrggbb`` -> ``(r, g, b, 255)``."""
+    c = colour.lstrip("#")
+    return (int(c[0:2], 16), int(c[2:4], 16), int(c[4:6], 16), 255)
+
+
+def colormap(classes: Sequence[dict]) -> dict[int, tuple[int, int, int, int]]:
+    """Colour table for the class band (nodata transparent)."""
+    cmap = {c["id"]: hex_to_rgba(c.get("colour", "#808080")) for c in classes}
+    cmap[NODATA] = (0, 0, 0, 0)
+    return cmap
+
+
+def code_table(classes: Sequence[dict]) -> dict[str, int]:
+    """Map every accepted code (class name, id and listed codes, as strings) to a class id."""
+    table: dict[str, int] = {}
+    for c in classes:
+        table[str(c["name"])] = c["id"]
+        for code in c.get("codes", []):
+            table[str(code)] = c["id"]
+    return table
+
+
+def read_labels(path: Path, column: str, classes: Sequence[dict], grid: Grid, layer: str | None = None) -> gpd.GeoDataFrame:
+    """Read a vector label file, reproject it to the grid CRS and map its codes to class ids.
+
+    Raises:
+        LabelError: naming the file and the fix, for a missing column or unknown codes.
+    """
+    try:
+        gdf = gpd.read_file(path, layer=layer) if layer else gpd.read_file(path)
+    except Exception as exc:  # pyogrio raises several types
+        raise LabelError(f"{path}: cannot read the label file ({str(exc).splitlines()[0]}); give a GeoPackage, GeoJSON, GeoParquet or Shapefile") from None
+    if column not in gdf.columns:
+        raise LabelError(f"{path}: no column {column!r} (columns: {[c for c in gdf.columns if c != 'geometry']}); set labels.column in config")
+    if gdf.crs is None:
+        raise LabelError(f"{path}: the file has no CRS; save it with one (e.g. EPSG:4326)")
+    table = code_table(classes)
+    codes = gdf[column].astype(str)
+    unknown = sorted(set(codes) - set(table))
+    if unknown:
+        raise LabelError(
+            f"{path}: {len(unknown)} unknown class code(s) in column {column!r}, e.g. {unknown[:5]}; "
+            "add them to a class's codes in config.yaml (classes[].codes) or drop those features"
+        )
+    names = {c["id"]: c["name"] for c in classes}
+    gdf = gdf.to_crs(grid.crs)
+    out = gpd.GeoDataFrame(
+        {"class_id": codes.map(table).astype("int64"), "code": codes},
+        geometry=gdf.geometry.values, crs=gdf.crs,
+    )
+    out["class_name"] = out["class_id"].map(names)
+    return out[~out.geometry.is_empty & out.geometry.notna()]
+
+
+def block_splits(grid: Grid, block_size: int, fractions: dict[str, float], seed: int) -> np.ndarray:
+    """Split id per block: ``[ceil(H/bs), ceil(W/bs)]`` uint8 with values 0/1/2.
+
+    Every split gets at least one block when there are three or more blocks.
+    """
+    nby = -(-grid.height // block_size)
+    nbx = -(-grid.width // block_size)
+    n = nby * nbx
+    total = sum(fractions[s] for s in SPLITS)
+    n_val = int(round(fractions["val"] / total * n))
+    n_test = int(round(fractions["test"] / total * n))
+    if n >= 3:
+        n_val, n_test = max(1, n_val), max(1, n_test)
+        n_val = min(n_val, n - 2)
+        n_test = min(n_test, n - 1 - n_val)
+    ids = np.zeros(n, dtype=np.uint8)
+    order = np.random.default_rng(seed).permutation(n)
+    ids[order[:n_val]] = 1
+    ids[order[n_val : n_val + n_test]] = 2
+    return ids.reshape(nby, nbx)
+
+
+def split_raster(grid: Grid, block_size: int, fractions: dict[str, float], seed: int) -> np.ndarray:
+    """Per-pixel split id ``[H, W]`` expanded from :func:`block_splits`."""
+    blocks = block_splits(grid, block_size, fractions, seed)
+    full = np.kron(blocks, np.ones((block_size, block_size), dtype=np.uint8))
+    return full[: grid.height, : grid.width]
+
+
+def run(
+    vector: Path, out_tif: Path, out_gpkg: Path, grid: Grid, classes: Sequence[dict], *,
+    column: str = "code", layer: str | None = None, block_size: int = 64,
+    fractions: dict[str, float] | None = None, seed: int = 0,
+) -> dict[str, int]:
+    """Rasterise labels and write ``labels.tif`` + ``labels.gpkg``.
+
+    Returns:
+        Labelled-pixel counts per split.
+    """
+    fractions = fractions or {"train": 0.7, "val": 0.15, "test": 0.15}
+    gdf = read_labels(vector, column, classes, grid, layer)
+    cls = rasterize(
+        ((g, int(c)) for g, c in zip(gdf.geometry, gdf["class_id"], strict=True)),
+        out_shape=grid.shape, transform=grid.transform, fill=NODATA, dtype="uint8",
+    ) if len(gdf) else np.full(grid.shape, NODATA, np.uint8)
+    split = split_raster(grid, block_size, fractions, seed)
+    prof = grid.profile(2, dtype="uint8", nodata=NODATA)
+    with atomic_path(out_tif) as tmp:
+        with rasterio.open(tmp, "w", **prof) as dst:
+            dst.write(cls, 1)
+            dst.write(split, 2)
+            dst.descriptions = ("class", "split")
+            dst.write_colormap(1, colormap(classes))
+            dst.update_tags(1, **{f"class_{c['id']}": c["name"] for c in classes})
+            dst.update_tags(2, split_values="0=train,1=val,2=test")
+    # split of each polygon: the block of its representative point
+    pts = gdf.geometry.representative_point()
+    col = ((pts.x - grid.xmin) // grid.res).clip(0, grid.width - 1).astype(int)
+    row = ((grid.ymax - pts.y) // grid.res).clip(0, grid.height - 1).astype(int)
+    gdf = gdf.assign(split=[SPLITS[split[r, c]] for r, c in zip(row, col, strict=True)])
+    with atomic_path(out_gpkg) as tmp:
+        gdf.to_file(tmp, driver="GPKG", layer="labels")
+    counts = {s: int(((cls != NODATA) & (split == i)).sum()) for i, s in enumerate(SPLITS)}
+    log.info("labelled pixels per split: %s", counts)
+    if counts["train"] == 0:
+        raise LabelError(f"{vector}: no labelled pixel falls in the training split of this region; check the file covers the bbox")
+    return counts

@@ -1,0 +1,302 @@
+"""Stage ``chips`` and the sample readers: TorchGeo datasets over the region stacks.
+
+Each modality stack is a :class:`~torchgeo.datasets.RasterDataset` declaration; chips are
+enumerated with :class:`~torchgeo.samplers.GridGeoSampler` aligned to the grid's top-left
+corner, so every chip lies inside one split block. ``chips.parquet`` lists every chip with its
+split, labelled-pixel count and per-modality presence.
+
+Two sample kinds come out of the same chips:
+
+* pixel time series for classification: ``{m: [N, T, C]}`` (DEM ``[N, C]``), ``mask [N, M]``, ``y [N]``;
+* chips for segmentation: ``{m: [T*C, h, w]}`` (time-major channels), ``mask [M, h, w]``, ``y [h, w]``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import pandas as pd
+import rasterio
+import shapely
+import torch
+from torch.utils.data import Dataset
+from torchgeo.datasets import RasterDataset
+from torchgeo.samplers import GridGeoSampler
+from tqdm import tqdm
+
+from cropmap.availability import presence_stack
+from cropmap.grid import Grid
+from cropmap.io import atomic_path
+from cropmap.labels import NODATA, SPLITS
+from cropmap.modalities import BANDS, TEMPORAL, band_descriptions
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+
+
+class StackDataset(RasterDataset):
+    """A modality stack on the region grid (one file per modality and region)."""
+
+    modality: ClassVar[str] = ""
+    is_image = True
+    separate_files = False
+
+    def __init__(self, paths: Path | str, months: Sequence[str], **kwargs: Any) -> None:
+        """Open the stack of :attr:`modality` under ``paths``.
+
+        Args:
+            paths: the region's ``stack`` folder or the file itself.
+            months: season months, defining :attr:`all_bands`.
+            **kwargs: passed to :class:`RasterDataset` (crs, res, transforms, cache).
+        """
+        self.all_bands = tuple(band_descriptions(self.modality, months))
+        super().__init__(paths, **kwargs)
+
+
+class S2Stack(StackDataset):
+    """Sentinel-2 L2A monthly composites, 10 bands per month."""
+
+    modality = "s2"
+    filename_glob = "s2.tif"
+    filename_regex = r"^s2\.tif$"
+    rgb_bands = ()
+
+
+class S1Stack(StackDataset):
+    """Sentinel-1 VV/VH monthly composites in dB."""
+
+    modality = "s1"
+    filename_glob = "s1.tif"
+    filename_regex = r"^s1\.tif$"
+
+
+class WeatherStack(StackDataset):
+    """ERA5-Land monthly 2 m temperature and total precipitation."""
+
+    modality = "weather"
+    filename_glob = "weather.tif"
+    filename_regex = r"^weather\.tif$"
+
+
+class DemStack(StackDataset):
+    """Static elevation and slope."""
+
+    modality = "dem"
+    filename_glob = "dem.tif"
+    filename_regex = r"^dem\.tif$"
+
+
+class LabelRaster(RasterDataset):
+    """``labels.tif``: class id and split id."""
+
+    filename_glob = "labels.tif"
+    filename_regex = r"^labels\.tif$"
+    is_image = False
+    all_bands = ("class", "split")
+
+
+STACK_DATASETS: dict[str, type[StackDataset]] = {
+    "s2": S2Stack, "s1": S1Stack, "weather": WeatherStack, "dem": DemStack,
+}
+
+
+def open_stacks(stack_dir: Path, months: Sequence[str], modalities: Sequence[str]) -> dict[str, StackDataset]:
+    """TorchGeo datasets for the modalities whose stack exists in ``stack_dir``."""
+    return {
+        m: STACK_DATASETS[m](stack_dir / f"{m}.tif", months)
+        for m in modalities
+        if (stack_dir / f"{m}.tif").exists()
+    }
+
+
+def aligned_chips(label_ds: LabelRaster, grid: Grid, size: int) -> Iterator[tuple[int, int, tuple[slice, slice, slice]]]:
+    """Chips of ``size`` px tiling the grid from its top-left corner.
+
+    Yields:
+        ``(row0, col0, query)``: pixel offsets and the TorchGeo query slice.
+    """
+    ny, nx = grid.height // size, grid.width // size
+    if ny == 0 or nx == 0:
+        return
+    xmin, _, _, ymax = grid.bounds
+    roi = shapely.box(xmin, ymax - ny * size * grid.res, xmin + nx * size * grid.res, ymax)
+    for x, y, t in GridGeoSampler(label_ds, size=size, stride=size, roi=roi):
+        col0 = int(round((x.start - xmin) / grid.res))
+        row0 = int(round((ymax - y.stop) / grid.res))
+        yield row0, col0, (slice(x.start, x.stop, grid.res), slice(y.start, y.stop, grid.res), t)
+
+
+def read_query(ds: RasterDataset, query: tuple[slice, slice, slice]) -> np.ndarray:
+    """Read one query from a TorchGeo dataset as a numpy array ``[bands, h, w]``."""
+    sample = ds[query]
+    arr = sample["image"] if ds.is_image else sample["mask"]
+    return arr.numpy()
+
+
+def chip_table(stack_dir: Path, labels_tif: Path, grid: Grid, months: Sequence[str], modalities: Sequence[str],
+               size: int, min_valid_fraction: float) -> pd.DataFrame:
+    """Enumerate chips with split, labelled pixels and per-modality presence (share of pixels)."""
+    stacks = open_stacks(stack_dir, months, modalities)
+    labels = LabelRaster(labels_tif)
+    rows = []
+    chips = list(aligned_chips(labels, grid, size))
+    for row0, col0, q in tqdm(chips, desc="chips", unit="chip"):
+        lab = read_query(labels, q)
+        arrays = {m: read_query(ds, q) for m, ds in stacks.items()}
+        pres = presence_stack(arrays, modalities, min_valid_fraction, lab.shape[1:])
+        split_vals = np.unique(lab[1])
+        rec: dict[str, Any] = {
+            "row": row0, "col": col0, "size": size,
+            "xmin": q[0].start, "xmax": q[0].stop, "ymin": q[1].start, "ymax": q[1].stop,
+            "split": SPLITS[int(split_vals[0])] if len(split_vals) == 1 else "mixed",
+            "n_labelled": int((lab[0] != NODATA).sum()),
+        }
+        for i, m in enumerate(modalities):
+            rec[f"present_{m}"] = float(pres[i].mean())
+        rows.append(rec)
+    return pd.DataFrame(rows)
+
+
+def write_chips(df: pd.DataFrame, out: Path) -> None:
+    """Write the chip table atomically."""
+    with atomic_path(out) as tmp:
+        df.to_parquet(tmp, index=False)
+
+
+def to_time_series(x: np.ndarray, modality: str) -> np.ndarray:
+    """``[T*C, ...]`` -> ``[..., T, C]`` for temporal modalities, ``[C, ...]`` -> ``[..., C]`` for static ones."""
+    c = len(BANDS[modality])
+    if TEMPORAL[modality]:
+        t = x.shape[0] // c
+        y = x.reshape(t, c, *x.shape[1:])
+        return np.moveaxis(y, (0, 1), (-2, -1))
+    return np.moveaxis(x, 0, -1)
+
+
+@dataclass
+class PixelSamples:
+    """Pixel time series in memory.
+
+    Attributes:
+        x: ``{m: [N, T, C]}`` (static ``[N, C]``), float32 with NaN where invalid.
+        mask: bool ``[N, M]``, modality presence.
+        y: int64 ``[N]``.
+        split: uint8 ``[N]`` (0 train, 1 val, 2 test).
+        modalities: the modality order of ``mask``.
+    """
+
+    x: dict[str, np.ndarray]
+    mask: np.ndarray
+    y: np.ndarray
+    split: np.ndarray
+    modalities: list[str]
+
+    def subset(self, idx: np.ndarray) -> PixelSamples:
+        """Samples at ``idx``."""
+        return PixelSamples({m: v[idx] for m, v in self.x.items()}, self.mask[idx], self.y[idx], self.split[idx], self.modalities)
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+
+def sample_pixels(stack_dir: Path, labels_tif: Path, chips: pd.DataFrame, grid: Grid, months: Sequence[str],
+                  modalities: Sequence[str], per_class: int, min_valid_fraction: float, seed: int,
+                  splits: Sequence[str] = SPLITS) -> PixelSamples:
+    """Stratified pixel sample: up to ``per_class`` labelled pixels per class and split.
+
+    Pixels are chosen from ``labels.tif`` alone (seeded), then only the chips that hold chosen
+    pixels are read through the TorchGeo datasets.
+    """
+    rng = np.random.default_rng(seed)
+    with rasterio.open(labels_tif) as src:
+        cls, spl = src.read(1), src.read(2)
+    chosen = np.zeros(cls.shape, dtype=bool)
+    for si, s in enumerate(SPLITS):
+        if s not in splits:
+            continue
+        for c in np.unique(cls[(spl == si) & (cls != NODATA)]):
+            idx = np.flatnonzero((cls == c) & (spl == si))
+            pick = rng.choice(idx, size=min(per_class, len(idx)), replace=False)
+            chosen.flat[pick] = True
+    stacks = open_stacks(stack_dir, months, modalities)
+    xs: dict[str, list[np.ndarray]] = {m: [] for m in modalities}
+    masks, ys, sps = [], [], []
+    labels_ds = LabelRaster(labels_tif)
+    for r in tqdm(chips.itertuples(), total=len(chips), desc="pixels", unit="chip"):
+        window = chosen[r.row : r.row + r.size, r.col : r.col + r.size]
+        if not window.any():
+            continue
+        q = (slice(r.xmin, r.xmax, grid.res), slice(r.ymin, r.ymax, grid.res), slice(None))
+        lab = read_query(labels_ds, q)
+        arrays = {m: read_query(ds, q) for m, ds in stacks.items()}
+        pres = presence_stack(arrays, modalities, min_valid_fraction, lab.shape[1:])
+        sel = window
+        for m in modalities:
+            if m in arrays:
+                xs[m].append(to_time_series(arrays[m], m)[sel])
+            else:
+                t = len(months) if TEMPORAL[m] else None
+                shape = (int(sel.sum()), t, len(BANDS[m])) if t else (int(sel.sum()), len(BANDS[m]))
+                xs[m].append(np.full(shape, np.nan, np.float32))
+        masks.append(pres[:, sel].T)
+        ys.append(lab[0][sel].astype(np.int64))
+        sps.append(lab[1][sel].astype(np.uint8))
+    if not ys:
+        raise ValueError(f"{labels_tif}: no labelled pixel found in the chips; check the labels cover the region")
+    return PixelSamples({m: np.concatenate(v).astype(np.float32) for m, v in xs.items()},
+                        np.concatenate(masks), np.concatenate(ys), np.concatenate(sps), list(modalities))
+
+
+class ChipDataset(Dataset):
+    """Segmentation chips read through the TorchGeo stack datasets.
+
+    Each item: ``{m: float32 [T*C, h, w]}`` for every modality (NaN-filled when absent from
+    the region), ``mask: bool [M, h, w]`` and ``y: int64 [h, w]`` (``IGNORE_INDEX`` unlabelled).
+    """
+
+    def __init__(self, stack_dir: Path, labels_tif: Path, chips: pd.DataFrame, grid: Grid, months: Sequence[str],
+                 modalities: Sequence[str], min_valid_fraction: float) -> None:
+        self.stack_dir, self.labels_tif = stack_dir, labels_tif
+        self.chips = chips.reset_index(drop=True)
+        self.grid, self.months, self.modalities = grid, list(months), list(modalities)
+        self.min_valid_fraction = min_valid_fraction
+        self._stacks: dict[str, StackDataset] | None = None
+        self._labels: LabelRaster | None = None
+
+    def __len__(self) -> int:
+        return len(self.chips)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        if self._stacks is None:  # opened lazily, once per DataLoader worker
+            self._stacks = open_stacks(self.stack_dir, self.months, self.modalities)
+            self._labels = LabelRaster(self.labels_tif)
+        assert self._labels is not None
+        r = self.chips.iloc[i]
+        q = (slice(r.xmin, r.xmax, self.grid.res), slice(r.ymin, r.ymax, self.grid.res), slice(None))
+        lab = read_query(self._labels, q)
+        arrays = {m: read_query(ds, q) for m, ds in self._stacks.items()}
+        h, w = lab.shape[1:]
+        out: dict[str, torch.Tensor] = {}
+        for m in self.modalities:
+            n_bands = len(band_descriptions(m, self.months))
+            out[m] = torch.from_numpy(arrays[m]) if m in arrays else torch.full((n_bands, h, w), float("nan"))
+        out["mask"] = torch.from_numpy(presence_stack(arrays, self.modalities, self.min_valid_fraction, (h, w)))
+        y = lab[0].astype(np.int64)
+        y[lab[0] == NODATA] = IGNORE_INDEX
+        out["y"] = torch.from_numpy(y)
+        return out
+
+
+def run(stack_dir: Path, labels_tif: Path, out: Path, grid: Grid, months: Sequence[str], modalities: Sequence[str],
+        size: int, min_valid_fraction: float) -> pd.DataFrame:
+    """Write ``chips.parquet`` and return it."""
+    df = chip_table(stack_dir, labels_tif, grid, months, modalities, size, min_valid_fraction)
+    write_chips(df, out)
+    log.info("%d chips: %s", len(df), df["split"].value_counts().to_dict())
+    return df

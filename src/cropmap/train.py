@@ -1,0 +1,263 @@
+"""Stage ``train``: fit a co-learning model (pixel classification or chip segmentation).
+
+Lightning drives the loop: CUDA with bf16 autocast when a GPU is present, CPU otherwise,
+seeded, early stopping on the validation split (never the test split), a progress bar,
+and ``last.ckpt`` after every epoch so a killed run resumes where it stopped. The final
+``model.ckpt`` is a plain ``torch.save`` bundle: weights, the factory arguments, the
+normalisation statistics, the class table, modalities and months.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import numpy as np
+import pandas as pd
+import torch
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from cropmap.grid import Grid
+from cropmap.io import atomic_path
+from cropmap.models import build_model
+from cropmap.modalities import BANDS, TEMPORAL
+from cropmap.normalize import Normalizer, fit_stats
+from cropmap.tiles import ChipDataset, PixelSamples, sample_pixels
+
+log = logging.getLogger(__name__)
+
+Task = Literal["classification", "segmentation"]
+
+
+class PixelDataset(Dataset):
+    """In-memory pixel time series as a map-style dataset of sample dicts."""
+
+    def __init__(self, s: PixelSamples) -> None:
+        self.x = {m: torch.from_numpy(v) for m, v in s.x.items()}
+        self.mask = torch.from_numpy(s.mask)
+        self.y = torch.from_numpy(s.y)
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
+        d = {m: v[i] for m, v in self.x.items()}
+        d["mask"] = self.mask[i]
+        d["y"] = self.y[i]
+        return d
+
+
+class CoLearningModule(L.LightningModule):
+    """Lightning wrapper: normalises the batch, calls the method's losses, logs every term."""
+
+    def __init__(self, model_kwargs: dict[str, Any], stats: dict, lr: float, class_weights: list[float] | None) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        weights = torch.tensor(class_weights, dtype=torch.float32) if class_weights else None
+        self.model = build_model(**model_kwargs, class_weights=weights)
+        self.norm = Normalizer(stats)
+        self.lr = lr
+
+    def forward(self, batch: dict[str, Tensor]) -> dict[str, Any]:
+        return self.model(self.norm(batch))
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        out = self(batch)
+        losses = self.model.loss(out, self.norm(batch) | {"y": batch["y"]})
+        for k, v in losses.items():
+            self.log(f"train/{k}", v.detach(), prog_bar=(k == "total"), on_step=False, on_epoch=True, batch_size=len(batch["y"]))
+        return losses["total"]
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        out = self(batch)
+        logits = out["logits"].float()
+        y = batch["y"]
+        loss = torch.nn.functional.cross_entropy(logits, y, ignore_index=-100)
+        valid = y != -100
+        acc = (logits.argmax(1)[valid] == y[valid]).float().mean()
+        self.log("val_loss", loss, prog_bar=True, on_epoch=True, batch_size=int(valid.sum()))
+        self.log("val_acc", acc, prog_bar=True, on_epoch=True, batch_size=int(valid.sum()))
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=self.lr)
+
+
+@dataclass
+class TrainSettings:
+    """What ``train`` needs from the config (``training`` + ``model`` blocks)."""
+
+    task: Task
+    method: str
+    modalities: list[str]
+    months: list[str]
+    classes: list[dict]
+    seed: int = 42
+    hidden: int = 128
+    encoders: dict[str, str] = field(default_factory=dict)
+    method_options: dict[str, Any] = field(default_factory=dict)
+    epochs: int = 20
+    patience: int = 5
+    batch_size: int = 256
+    lr: float = 1e-3
+    pixels_per_class: int = 3000
+    device: str = "auto"
+    precision: str = "auto"
+    devices: int | str = 1
+    strategy: str = "auto"
+    num_workers: int = 0
+    min_valid_fraction: float = 0.5
+
+    @classmethod
+    def from_config(cls, config: dict, task: Task, months: list[str]) -> TrainSettings:
+        t, m = config["training"], config["model"]
+        return cls(
+            task=task, method=m["method"], modalities=list(config["modalities"]), months=months,
+            classes=config["classes"], seed=config["seed"], hidden=m["hidden"], encoders=m.get("encoders", {}),
+            method_options=m.get("options", {}), epochs=t["epochs"], patience=t["patience"], batch_size=t["batch_size"],
+            lr=t["lr"], pixels_per_class=t["pixels_per_class"], device=t["device"], precision=t["precision"],
+            devices=t["devices"], strategy=t["strategy"], num_workers=t["num_workers"],
+            min_valid_fraction=config["availability"]["min_valid_fraction"],
+        )
+
+    def model_kwargs(self) -> dict[str, Any]:
+        """Arguments of :func:`cropmap.models.build_model` (without class weights)."""
+        return {
+            "method": self.method, "task": self.task, "modalities": self.modalities,
+            "in_channels": {m: len(BANDS[m]) for m in self.modalities}, "n_steps": len(self.months),
+            "n_classes": n_classes(self.classes), "hidden": self.hidden, "encoders": self.encoders or None,
+            **self.method_options,
+        }
+
+
+def n_classes(classes: Sequence[dict]) -> int:
+    """Number of logits: the largest class id + 1."""
+    return max(c["id"] for c in classes) + 1
+
+
+def accelerator(device: str) -> str:
+    """Lightning accelerator for a config device (``auto`` picks CUDA when present)."""
+    if device == "cuda" or (device == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise RuntimeError("training.device is 'cuda' but no CUDA device is visible; set it to auto or cpu")
+        return "gpu"
+    return "cpu"
+
+
+def precision(setting: str, acc: str) -> str:
+    """Lightning precision: ``auto`` is bf16 autocast on GPU and fp32 on CPU."""
+    if setting == "auto":
+        return "bf16-mixed" if acc == "gpu" else "32-true"
+    return "32-true" if setting == "32" else setting
+
+
+def balanced_weights(y: np.ndarray, k: int) -> list[float]:
+    """Class-balanced CE weights ``N / (K_present * n_c)``; absent classes get 1."""
+    y = y[y >= 0]
+    counts = np.bincount(y, minlength=k).astype(float)
+    present = counts > 0
+    w = np.ones(k)
+    w[present] = len(y) / (present.sum() * counts[present])
+    return w.tolist()
+
+
+def chip_stats(ds: ChipDataset, n: int, seed: int) -> dict:
+    """Normalisation statistics from up to ``n`` training chips."""
+    rng = np.random.default_rng(seed)
+    idx = rng.choice(len(ds), size=min(n, len(ds)), replace=False)
+    items = [ds[int(i)] for i in idx]
+    return fit_stats({m: torch.stack([it[m] for it in items]).numpy() for m in ds.modalities}, "chips")
+
+
+def chip_labels(ds: ChipDataset) -> np.ndarray:
+    """All labels of a chip dataset (for class weights)."""
+    return np.concatenate([ds[i]["y"].numpy().ravel() for i in range(len(ds))])
+
+
+def run(settings: TrainSettings, stack_dir: Path, labels_tif: Path, chips_parquet: Path, grid: Grid,
+        out_ckpt: Path, work_dir: Path) -> dict[str, Any]:
+    """Train and write ``model.ckpt``; resume from ``work_dir/last.ckpt`` if a previous run was killed.
+
+    Returns:
+        Training summary (epochs run, best validation loss, samples, device).
+    """
+    L.seed_everything(settings.seed, workers=True)
+    torch.set_num_threads(max(1, int(os.environ.get("CROPMAP_THREADS", torch.get_num_threads()))))
+    chips = pd.read_parquet(chips_parquet)
+    k = n_classes(settings.classes)
+    if settings.task == "classification":
+        samples = sample_pixels(stack_dir, labels_tif, chips[chips.split != "test"], grid, settings.months,
+                                settings.modalities, settings.pixels_per_class, settings.min_valid_fraction,
+                                settings.seed, splits=("train", "val"))
+        train_s, val_s = samples.subset(np.flatnonzero(samples.split == 0)), samples.subset(np.flatnonzero(samples.split == 1))
+        stats = fit_stats(train_s.x, "pixels")
+        weights = balanced_weights(train_s.y, k)
+        train_ds: Dataset = PixelDataset(train_s)
+        val_ds: Dataset = PixelDataset(val_s)
+        n_train, n_val = len(train_s), len(val_s)
+    else:
+        args = (stack_dir, labels_tif)
+        tr = chips[(chips.split == "train") & (chips.n_labelled > 0)]
+        va = chips[(chips.split == "val") & (chips.n_labelled > 0)]
+        train_ds = ChipDataset(*args, tr, grid, settings.months, settings.modalities, settings.min_valid_fraction)
+        val_ds = ChipDataset(*args, va, grid, settings.months, settings.modalities, settings.min_valid_fraction)
+        stats = chip_stats(train_ds, 256, settings.seed)
+        weights = balanced_weights(chip_labels(train_ds), k)
+        n_train, n_val = len(tr), len(va)
+    if n_train == 0 or n_val == 0:
+        raise ValueError(f"{labels_tif}: {n_train} training and {n_val} validation samples; the region needs labelled pixels in both splits (enlarge it or lower split.block_size)")
+    acc = accelerator(settings.device)
+    prec = precision(settings.precision, acc)
+    module = CoLearningModule(settings.model_kwargs(), stats, settings.lr, weights)
+    gen = torch.Generator().manual_seed(settings.seed)
+    loader_kw: dict[str, Any] = {"num_workers": settings.num_workers, "persistent_workers": settings.num_workers > 0}
+    train_dl = DataLoader(train_ds, batch_size=settings.batch_size, shuffle=True, generator=gen, drop_last=n_train > settings.batch_size, **loader_kw)
+    val_dl = DataLoader(val_ds, batch_size=settings.batch_size * 2, shuffle=False, **loader_kw)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_cb = ModelCheckpoint(dirpath=work_dir, filename="best", monitor="val_loss", mode="min", save_last=True)
+    trainer = L.Trainer(
+        max_epochs=settings.epochs, accelerator=acc, devices=settings.devices, strategy=settings.strategy,
+        precision=prec, callbacks=[ckpt_cb, EarlyStopping("val_loss", patience=settings.patience, mode="min")],
+        default_root_dir=work_dir, logger=L.pytorch.loggers.CSVLogger(work_dir, name="logs", version=0),
+        deterministic=acc == "cpu", enable_progress_bar=True, log_every_n_steps=10, enable_model_summary=False,
+    )
+    last = work_dir / "last.ckpt"
+    resume = last if last.exists() else None
+    if resume:
+        log.info("resuming from %s", resume)
+    trainer.fit(module, train_dl, val_dl, ckpt_path=resume)
+    if not trainer.is_global_zero:
+        return {}
+    best = ckpt_cb.best_model_path or str(last)
+    state = torch.load(best, map_location="cpu", weights_only=False)["state_dict"]
+    summary = {
+        "task": settings.task, "method": settings.method, "epochs": int(trainer.current_epoch),
+        "best_val_loss": float(ckpt_cb.best_model_score) if ckpt_cb.best_model_score is not None else None,
+        "n_train": n_train, "n_val": n_val, "accelerator": acc, "precision": prec, "resumed": resume is not None,
+    }
+    bundle = {
+        "state_dict": state, "model_kwargs": settings.model_kwargs(), "stats": stats, "classes": settings.classes,
+        "modalities": settings.modalities, "months": settings.months, "task": settings.task,
+        "min_valid_fraction": settings.min_valid_fraction, "class_weights": weights, "summary": summary,
+        "temporal": {m: TEMPORAL[m] for m in settings.modalities},
+    }
+    with atomic_path(out_ckpt) as tmp:
+        torch.save(bundle, tmp)
+    (out_ckpt.parent / "train_summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def load_bundle(path: Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, Normalizer, dict]:
+    """Rebuild the model and normaliser of a ``model.ckpt`` (eval mode, on ``device``)."""
+    bundle = torch.load(path, map_location="cpu", weights_only=False)
+    module = CoLearningModule(bundle["model_kwargs"], bundle["stats"], 1e-3, bundle["class_weights"])
+    module.load_state_dict(bundle["state_dict"])
+    module.eval().to(device)
+    return module.model, module.norm, bundle

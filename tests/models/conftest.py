@@ -1,0 +1,73 @@
+"""Tiny synthetic batches for the model tests (kept small: 2 shared CPU cores)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+
+MODS = ("s2", "s1", "weather", "dem")
+CH = {"s2": 10, "s1": 2, "weather": 2, "dem": 2}
+T = 4
+K = 3
+HW = 8
+
+
+def make_batch(
+    task: str,
+    b: int = 6,
+    *,
+    seed: int = 0,
+    separable: bool = False,
+    mask: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """Random batch; ``separable`` adds class-dependent means so a model can learn it."""
+    g = torch.Generator().manual_seed(seed)
+    if task == "classification":
+        y = torch.arange(b) % K
+        shape = {m: (b, T, CH[m]) for m in MODS[:3]} | {"dem": (b, CH["dem"])}
+    else:
+        y = (torch.arange(b * HW * HW).view(b, HW, HW) // 5) % K
+        shape = {m: (b, T * CH[m], HW, HW) for m in MODS[:3]} | {"dem": (b, CH["dem"], HW, HW)}
+    batch: dict[str, torch.Tensor] = {}
+    for m in MODS:
+        x = torch.randn(shape[m], generator=g)
+        if separable:
+            yf = y.float()
+            off = yf.view(b, *([1] * (x.dim() - 1))) if task == "classification" else yf[:, None]
+            x = 0.3 * x + 1.5 * off
+        batch[m] = x
+    batch["y"] = y
+    batch["mask"] = mask if mask is not None else torch.ones(b, len(MODS), dtype=torch.bool)
+    return batch
+
+
+def build(method: str, task: str, **kw: object) -> torch.nn.Module:
+    from cropmap.models import build_model
+
+    return build_model(
+        method,
+        task=task,
+        modalities=MODS,
+        in_channels=CH,
+        n_steps=T,
+        n_classes=K,
+        hidden=kw.pop("hidden", 8),
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+@pytest.fixture
+def batch_fn() -> Callable[..., dict[str, torch.Tensor]]:
+    return make_batch
+
+
+@pytest.fixture
+def build_fn() -> Callable[..., torch.nn.Module]:
+    return build
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> None:
+    torch.set_num_threads(1)

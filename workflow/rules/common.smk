@@ -1,0 +1,41 @@
+# Helpers and input functions shared by the rule files.
+import sys
+
+PY = sys.executable  # the interpreter running snakemake, which has cropmap installed
+
+from cropmap.config import dumps, has_labels, model_region, region_grid, stage_params, validate
+from cropmap.errors import ConfigError
+from cropmap.grid import tiles as tile_names
+
+try:
+    validate(config)
+except ConfigError as exc:
+    sys.exit(f"cropmap: invalid config: {exc}")
+
+DATA = config["data_dir"]
+RESULTS = config["results_dir"]
+MODELS = config["models_dir"]
+REGIONS = list(config["regions"])
+TASK = config["model"]["task"]
+
+wildcard_constraints:
+    region="[a-z0-9_-]+",
+    task="classification|segmentation",
+    tile="r[0-9]+_c[0-9]+",
+
+
+def params_json(stage):
+    """Input function: the stage's slice of the config as JSON (rerun trigger per region)."""
+    return lambda wc: dumps(stage_params(config, stage, wc.region))
+
+
+def region_tiles(region):
+    return tile_names(region_grid(config["regions"][region]), config["prediction"]["tile_size"])
+
+
+def model_of(wc):
+    return f"{MODELS}/{model_region(config, wc.region)}/{TASK}/model.ckpt"
+
+
+def labelled_regions():
+    return [r for r in REGIONS if has_labels(config, r)]

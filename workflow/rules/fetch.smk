@@ -1,0 +1,17 @@
+rule fetch:
+    """Fetch every modality of a region from its source (synthetic, Earth Engine, STAC)."""
+    output:
+        raw=directory(f"{DATA}/{{region}}/raw"),
+        availability=f"{DATA}/{{region}}/availability.json",
+    params:
+        p=params_json("fetch"),
+        cache=f"{DATA}/{{region}}/.fetch",
+    log:
+        f"logs/{{region}}/fetch.log",
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=120,
+    shell:
+        "{PY} -m cropmap fetch --params {params.p:q} --raw-dir {output.raw} --cache-dir {params.cache}"
+        " --availability {output.availability} > {log} 2>&1"

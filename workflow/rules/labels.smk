@@ -1,0 +1,38 @@
+rule labels:
+    """Rasterise labelled fields onto the grid and split it into spatial blocks."""
+    input:
+        raw=rules.fetch.output.raw,
+    output:
+        tif=f"{DATA}/{{region}}/labels.tif",
+        gpkg=f"{DATA}/{{region}}/labels.gpkg",
+    params:
+        p=params_json("labels"),
+    log:
+        f"logs/{{region}}/labels.log",
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=30,
+    shell:
+        "{PY} -m cropmap labels --params {params.p:q} --raw-dir {input.raw} --out-tif {output.tif}"
+        " --out-gpkg {output.gpkg} > {log} 2>&1"
+
+
+rule chips:
+    """Enumerate chips (TorchGeo GridGeoSampler) with split and per-modality presence."""
+    input:
+        stack=rules.stack.output,
+        labels=rules.labels.output.tif,
+    output:
+        f"{DATA}/{{region}}/chips.parquet",
+    params:
+        p=params_json("chips"),
+    log:
+        f"logs/{{region}}/chips.log",
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=30,
+    shell:
+        "{PY} -m cropmap chips --params {params.p:q} --stack-dir {input.stack} --labels {input.labels}"
+        " --out {output} > {log} 2>&1"

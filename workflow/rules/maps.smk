@@ -1,0 +1,27 @@
+rule mosaic:
+    """Mosaic the tiles into a Cloud-Optimized GeoTIFF, quicklook PNG and STAC item."""
+    input:
+        tiles=lambda wc: expand(f"{RESULTS}/{wc.region}/tiles/{{tile}}.tif", tile=region_tiles(wc.region)),
+    output:
+        map=f"{RESULTS}/{{region}}/map.tif",
+        quicklook=f"{RESULTS}/{{region}}/quicklook.png",
+        stac=f"{RESULTS}/{{region}}/map.json",
+    params:
+        p=params_json("maps"),
+    log:
+        f"logs/{{region}}/mosaic.log",
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=30,
+    shell:
+        "{PY} -m cropmap maps --params {params.p:q} --tiles {input.tiles} --out {output.map}"
+        " --quicklook {output.quicklook} --stac {output.stac} > {log} 2>&1"
+
+
+rule maps:
+    """Target: every region's map, with metrics for regions that have labels."""
+    input:
+        expand(f"{RESULTS}/{{region}}/map.tif", region=REGIONS),
+        expand(f"{RESULTS}/{{region}}/quicklook.png", region=REGIONS),
+        expand(f"{RESULTS}/{{region}}/metrics.csv", region=labelled_regions()),

@@ -1,0 +1,19 @@
+rule predict:
+    """Predict one tile with whichever modalities exist per pixel."""
+    input:
+        model=model_of,
+        stack=rules.stack.output,
+    output:
+        f"{RESULTS}/{{region}}/tiles/{{tile}}.tif",
+    params:
+        p=params_json("predict"),
+    log:
+        f"logs/{{region}}/predict/{{tile}}.log",
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=60,
+        gpu=1 if config["prediction"]["device"] == "cuda" else 0,
+    shell:
+        "OMP_NUM_THREADS={threads} {PY} -m cropmap predict --params {params.p:q} --model {input.model}"
+        " --stack-dir {input.stack} --tile {wildcards.tile} --out {output} > {log} 2>&1"

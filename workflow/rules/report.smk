@@ -1,0 +1,50 @@
+rule metrics:
+    """Held-out metrics for every non-empty subset of modalities."""
+    input:
+        model=f"{MODELS}/{{region}}/{TASK}/model.ckpt",
+        stack=rules.stack.output,
+        labels=rules.labels.output.tif,
+        chips=rules.chips.output,
+    output:
+        f"{RESULTS}/{{region}}/metrics.csv",
+    params:
+        p=params_json("report"),
+    log:
+        f"logs/{{region}}/metrics.log",
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=60,
+    shell:
+        "{PY} -m cropmap report --params {params.p:q} --model {input.model} --stack-dir {input.stack}"
+        " --labels {input.labels} --chips {input.chips} --out {output} > {log} 2>&1"
+
+
+rule report:
+    """HTML report of every region: metrics per sensor subset, availability, quicklook."""
+    input:
+        metrics=expand(f"{RESULTS}/{{region}}/metrics.csv", region=labelled_regions()),
+        quicklooks=expand(f"{RESULTS}/{{region}}/quicklook.png", region=REGIONS),
+        availability=expand(f"{DATA}/{{region}}/availability.json", region=REGIONS),
+    output:
+        f"{RESULTS}/report.html",
+    params:
+        regions=lambda wc, input: dumps(
+            {
+                r: {
+                    "metrics": f"{RESULTS}/{r}/metrics.csv" if has_labels(config, r) else "",
+                    "quicklook": f"{RESULTS}/{r}/quicklook.png",
+                    "availability": f"{DATA}/{r}/availability.json",
+                    "summary": f"{MODELS}/{r}/{TASK}/train_summary.json",
+                }
+                for r in REGIONS
+            }
+        ),
+    log:
+        "logs/report.log",
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=10,
+    shell:
+        "{PY} -m cropmap html --regions {params.regions:q} --out {output} > {log} 2>&1"

@@ -1,0 +1,22 @@
+rule train:
+    """Train a co-learning model of a region (GPU with bf16 autocast when present)."""
+    input:
+        stack=rules.stack.output,
+        labels=rules.labels.output.tif,
+        chips=rules.chips.output,
+    output:
+        f"{MODELS}/{{region}}/{{task}}/model.ckpt",
+    params:
+        p=params_json("train"),
+        work=f"{MODELS}/{{region}}/{{task}}/lightning",
+    log:
+        f"logs/{{region}}/train_{{task}}.log",
+    threads: workflow.cores
+    resources:
+        mem_mb=8000,
+        runtime=240,
+        gpu=1 if config["training"]["device"] == "cuda" else 0,
+    shell:
+        "CROPMAP_THREADS={threads} {PY} -m cropmap train --params {params.p:q} --task {wildcards.task}"
+        " --stack-dir {input.stack} --labels {input.labels} --chips {input.chips} --out {output}"
+        " --work-dir {params.work} > {log} 2>&1"
