@@ -34,6 +34,7 @@ def tiny_config(root: Path, **overrides: object) -> dict:
     cfg["training"] = {"epochs": 2, "batch_size": 128, "pixels_per_class": 150, "patience": 2}
     cfg["prediction"] = {"tile_size": 64, "batch_size": 4096}
     cfg["evaluation"] = {"max_pixels_per_class": 100}
+    cfg["compare"] = {"epochs": 1, "regions": ["tiny"]}
     for k, v in overrides.items():
         cfg[k] = v
     return cfg

@@ -10,7 +10,6 @@ import yaml
 
 from cropmap.config import load, stage_params, validate
 from cropmap.errors import ConfigError
-
 from tests.conftest import ROOT, tiny_config
 
 

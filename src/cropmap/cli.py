@@ -82,6 +82,13 @@ def cmd_maps(a: argparse.Namespace, p: dict[str, Any]) -> None:
     maps.stac_item(out, Path(a.stac), p["region"], p["classes"], bbox=p["bbox"], months=p["months"], sources=p["sources"], model=p["model"])
 
 
+def cmd_expected(a: argparse.Namespace, p: dict[str, Any]) -> None:
+    from cropmap import maps
+
+    mean = maps.expected_accuracy(Path(a.map), Path(a.metrics), Path(a.out))
+    log.info("mean expected weighted F1 over mapped pixels: %.1f", mean)
+
+
 def cmd_report(a: argparse.Namespace, p: dict[str, Any]) -> None:
     from cropmap import report
 
@@ -89,8 +96,18 @@ def cmd_report(a: argparse.Namespace, p: dict[str, Any]) -> None:
     df = report.evaluate(Path(a.model), Path(a.stack_dir), Path(a.labels), Path(a.chips), _grid(p),
                          max_pixels_per_class=ev["max_pixels_per_class"], seed=p["seed"],
                          device=p["prediction"]["device"], batch_size=p["prediction"]["batch_size"])
+    for tag in a.tag:
+        key, _, value = tag.partition("=")
+        df.insert(0, key, value)
     report.write_metrics(df, Path(a.out))
     log.info("metrics:\n%s", df.round(1).to_string(index=False))
+
+
+def cmd_compare(a: argparse.Namespace, p: dict[str, Any]) -> None:
+    from cropmap import compare
+
+    table = compare.collect([Path(x) for x in a.parts], Path(a.table), Path(a.summary), Path(a.heatmap) if a.heatmap else None)
+    log.info("summary:\n%s", compare.summarise(table).round(1).to_string(index=False))
 
 
 def cmd_html(a: argparse.Namespace, p: dict[str, Any]) -> None:
@@ -129,7 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("train", cmd_train, "stack_dir", "labels", "chips", "out", "work_dir", task={"choices": ["classification", "segmentation"], "required": True})
     add("predict", cmd_predict, "model", "stack_dir", "tile", "out")
     add("maps", cmd_maps, "out", "quicklook", "stac", tiles_dir={"default": None}, tiles={"nargs": "*", "default": []}, proba={"default": None})
-    add("report", cmd_report, "model", "stack_dir", "labels", "chips", "out")
+    add("expected", cmd_expected, "map", "metrics", "out")
+    add("report", cmd_report, "model", "stack_dir", "labels", "chips", "out",
+        tag={"action": "append", "default": [], "help": "KEY=VALUE column added to every row (e.g. method=comiss)"})
+    add("compare", cmd_compare, "table", "summary", parts={"nargs": "+", "required": True}, heatmap={"default": None})
     add("html", cmd_html, "regions", "out")
     return ap
 

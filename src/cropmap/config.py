@@ -135,6 +135,9 @@ def _check_semantics(config: dict) -> None:
             )
         if frm is not None and config["regions"][frm].get("model_from") is not None:
             raise ConfigError(f"config key {key}.model_from: {frm} itself borrows a model; point to a region with labels")
+    for r in config["compare"]["regions"] or []:
+        if r not in config["regions"] or not has_labels(config, r):
+            raise ConfigError(f"config key compare.regions: {r!r} is not a region with labels; name some of {[x for x in config['regions'] if has_labels(config, x)]}")
     fr = config["split"]["fractions"]
     if not sum(fr.values()) > 0 or fr["train"] <= 0 or fr["val"] <= 0 or fr["test"] <= 0:
         raise ConfigError("config key split.fractions: train, val and test must all be > 0, e.g. {train: 0.7, val: 0.15, test: 0.15}")
@@ -185,7 +188,7 @@ def has_labels(config: dict, region: str) -> bool:
     return r.get("labels") is not None or r.get("source", "synthetic") == "synthetic"
 
 
-def stage_params(config: dict, stage: str, region: str) -> dict[str, Any]:
+def stage_params(config: dict, stage: str, region: str, method: str | None = None) -> dict[str, Any]:
     """The config subset a stage of ``region`` depends on.
 
     Rules pass it to the stage as JSON, so Snakemake reruns a job exactly when its part of
@@ -204,7 +207,12 @@ def stage_params(config: dict, stage: str, region: str) -> dict[str, Any]:
     if stage == "chips":
         return base | {"size": config["chips"]["size"], "min_valid_fraction": config["availability"]["min_valid_fraction"]}
     if stage == "train":
-        return base | {k: config[k] for k in ("model", "training", "classes", "availability", "seed")}
+        p = base | copy.deepcopy({k: config[k] for k in ("model", "training", "classes", "availability", "seed")})
+        if method is not None:  # a run of the comparison protocol
+            p["model"]["method"] = method
+            if config["compare"]["epochs"]:
+                p["training"]["epochs"] = config["compare"]["epochs"]
+        return p
     if stage == "predict":
         return base | {"prediction": config["prediction"], "chip_size": config["chips"]["size"]}
     if stage == "maps":
@@ -215,3 +223,13 @@ def stage_params(config: dict, stage: str, region: str) -> dict[str, Any]:
     if stage == "report":
         return base | {"evaluation": config["evaluation"], "seed": config["seed"], "prediction": config["prediction"]}
     raise ValueError(f"unknown stage {stage!r}")
+
+
+def compare_regions(config: dict) -> list[str]:
+    """Regions of the comparison protocol (default: every region with labels)."""
+    return list(config["compare"]["regions"] or [r for r in config["regions"] if has_labels(config, r)])
+
+
+def compare_task(config: dict) -> str:
+    """Task compared (default ``model.task``)."""
+    return str(config["compare"]["task"] or config["model"]["task"])

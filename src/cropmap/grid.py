@@ -28,7 +28,7 @@ def utm_epsg(lon: float, lat: float) -> int:
     Returns:
         ``326ZZ`` north of the equator, ``327ZZ`` south of it.
     """
-    zone = int(math.floor((lon + 180.0) / 6.0)) % 60 + 1
+    zone = math.floor((lon + 180.0) / 6.0) % 60 + 1
     return (32600 if lat >= 0 else 32700) + zone
 
 
@@ -105,8 +105,8 @@ class Grid:
         x0, y0, x1, y1 = transform_bounds("EPSG:4326", target, lon0, lat0, lon1, lat1, densify_pts=21)
         xmin = math.floor(x0 / res) * res
         ymax = math.ceil(y1 / res) * res
-        width = int(math.ceil((x1 - xmin) / res))
-        height = int(math.ceil((ymax - y0) / res))
+        width = math.ceil((x1 - xmin) / res)
+        height = math.ceil((ymax - y0) / res)
         epsg = target.to_epsg()
         return cls(crs=f"EPSG:{epsg}" if epsg else target.to_wkt(), res=res, xmin=xmin, ymax=ymax, width=width, height=height)
 

@@ -91,8 +91,8 @@ def block_splits(grid: Grid, block_size: int, fractions: dict[str, float], seed:
     nbx = -(-grid.width // block_size)
     n = nby * nbx
     total = sum(fractions[s] for s in SPLITS)
-    n_val = int(round(fractions["val"] / total * n))
-    n_test = int(round(fractions["test"] / total * n))
+    n_val = round(fractions["val"] / total * n)
+    n_test = round(fractions["test"] / total * n)
     if n >= 3:
         n_val, n_test = max(1, n_val), max(1, n_test)
         n_val = min(n_val, n - 2)
@@ -129,14 +129,13 @@ def run(
     ) if len(gdf) else np.full(grid.shape, NODATA, np.uint8)
     split = split_raster(grid, block_size, fractions, seed)
     prof = grid.profile(2, dtype="uint8", nodata=NODATA)
-    with atomic_path(out_tif) as tmp:
-        with rasterio.open(tmp, "w", **prof) as dst:
-            dst.write(cls, 1)
-            dst.write(split, 2)
-            dst.descriptions = ("class", "split")
-            dst.write_colormap(1, colormap(classes))
-            dst.update_tags(1, **{f"class_{c['id']}": c["name"] for c in classes})
-            dst.update_tags(2, split_values="0=train,1=val,2=test")
+    with atomic_path(out_tif) as tmp, rasterio.open(tmp, "w", **prof) as dst:
+        dst.write(cls, 1)
+        dst.write(split, 2)
+        dst.descriptions = ("class", "split")
+        dst.write_colormap(1, colormap(classes))
+        dst.update_tags(1, **{f"class_{c['id']}": c["name"] for c in classes})
+        dst.update_tags(2, split_values="0=train,1=val,2=test")
     # split of each polygon: the block of its representative point
     pts = gdf.geometry.representative_point()
     col = ((pts.x - grid.xmin) // grid.res).clip(0, grid.width - 1).astype(int)

@@ -36,8 +36,8 @@ BAND_NAMES = ("class", "confidence", "modalities")
 def tile_offsets(path: Path, grid: Grid) -> Window:
     """Window of a tile file inside the grid, from its transform."""
     with rasterio.open(path) as src:
-        col = int(round((src.transform.c - grid.xmin) / grid.res))
-        row = int(round((grid.ymax - src.transform.f) / grid.res))
+        col = round((src.transform.c - grid.xmin) / grid.res)
+        row = round((grid.ymax - src.transform.f) / grid.res)
         return Window(col, row, src.width, src.height)
 
 
@@ -197,3 +197,41 @@ def stac_item(map_tif: Path, out_json: Path, region: str, classes: Sequence[dict
     with atomic_path(out_json) as tmp:
         tmp.write_text(json.dumps(item, indent=2))
     return item
+
+
+def expected_accuracy(map_tif: Path, metrics_csv: Path, out: Path, metric: str = "f1_weighted") -> float:
+    """Expected-accuracy layer: per pixel, the held-out score of the sensor subset it was mapped with.
+
+    Reads the map's ``modalities`` bitmask block by block and looks each subset up in the
+    region's ``metrics.csv`` (one row per subset). Writes a uint8 COG (0-100, nodata 255 where the
+    map is nodata or the subset was never evaluated) and returns the mean over mapped pixels.
+    """
+    import pandas as pd
+
+    df = pd.read_csv(metrics_csv)
+    lut = np.full(256, NODATA, np.uint8)
+    for sub, v in zip(df["subset"], df[metric], strict=True):
+        if np.isfinite(v):
+            code = sum(1 << MODALITIES.index(m) for m in str(sub).split("+"))  # type: ignore[arg-type]
+            lut[code] = int(round(float(v)))
+    total, count = 0.0, 0
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".expected.") as tmpd:
+        tmp = Path(tmpd) / "expected.tif"
+        with rasterio.open(map_tif) as src:
+            prof = src.profile | {"count": 1, "nodata": NODATA, "photometric": "MINISBLACK"}
+            with rasterio.open(tmp, "w", **prof) as dst:
+                for _, win in src.block_windows(3):
+                    bits = src.read(3, window=win)
+                    e = lut[bits]
+                    dst.write(e, 1, window=win)
+                    ok = e != NODATA
+                    total += float(e[ok].sum())
+                    count += int(ok.sum())
+                dst.set_band_description(1, f"expected_{metric}")
+                dst.update_tags(1, units="percent", source=str(metrics_csv.name),
+                                description="held-out score of the sensor subset each pixel was predicted with")
+        _to_cog(tmp, out, resampling="average")
+    mean = total / count if count else float("nan")
+    with rasterio.open(out, "r+") as dst:
+        dst.update_tags(mean_expected=f"{mean:.2f}")
+    return mean

@@ -125,7 +125,7 @@ class Predictor:
 
     def predict_segmentation(self, stacks: dict[str, Path], tile: Window, size: int, overlap: float) -> TileResult:
         """Sliding-window segmentation of ``tile`` with Hann blending (see module docstring)."""
-        stride = max(1, int(round(size * (1 - overlap))))
+        stride = max(1, round(size * (1 - overlap)))
         if overlap > 0 and size % 2 == 0 and stride != size // 2:
             log.warning("overlap %.2f: Hann weights sum to one only at 50 %% overlap; blending stays seamless but uneven", overlap)
         h, w = int(tile.height), int(tile.width)
@@ -180,10 +180,9 @@ def write_tile(res: TileResult, out: Path, grid: Grid, window: Window, probabili
         "dtype": "uint8", "crs": grid.crs, "transform": rasterio.windows.transform(window, grid.transform),
         "compress": "deflate", "nodata": NODATA,
     }
-    with atomic_path(out) as tmp:
-        with rasterio.open(tmp, "w", **prof) as dst:
-            dst.write(np.stack(bands))
-            dst.descriptions = tuple(names)
+    with atomic_path(out) as tmp, rasterio.open(tmp, "w", **prof) as dst:
+        dst.write(np.stack(bands))
+        dst.descriptions = tuple(names)
 
 
 def run(ckpt: Path, stack_dir: Path, grid: Grid, name: str, out: Path, *, tile_size: int, modalities: Sequence[str],

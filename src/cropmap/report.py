@@ -23,7 +23,7 @@ from tqdm import tqdm
 from cropmap.grid import Grid
 from cropmap.io import atomic_path
 from cropmap.predict import Predictor
-from cropmap.tiles import IGNORE_INDEX, ChipDataset, sample_pixels
+from cropmap.tiles import IGNORE_INDEX, ChipDataset, PixelSamples, sample_pixels
 
 log = logging.getLogger(__name__)
 
@@ -81,24 +81,43 @@ def evaluate(ckpt: Path, stack_dir: Path, labels_tif: Path, chips_parquet: Path,
     if predictor.task == "classification":
         s = sample_pixels(stack_dir, labels_tif, chips[chips.split == "test"], grid, months, mods,
                           max_pixels_per_class, mvf, seed, splits=("test",))
-        complete = s.mask[:, full.numpy()].all(axis=1)
-        s = s.subset(np.flatnonzero(complete))
-        y = s.y
-        for i in range(0, len(s), batch_size):
-            b = {m: torch.from_numpy(v[i : i + batch_size]) for m, v in s.x.items()}
-            b["mask"] = torch.from_numpy(s.mask[i : i + batch_size])
-            batches.append(b)
-    else:
-        te = chips[(chips.split == "test") & (chips.n_labelled > 0)]
-        ds = ChipDataset(stack_dir, labels_tif, te, grid, months, mods, mvf)
-        ys = []
-        for i in range(len(ds)):
-            it = ds[i]
-            complete = it["mask"][full].all(dim=0)
-            it["y"] = torch.where(complete, it["y"], torch.full_like(it["y"], IGNORE_INDEX))
-            ys.append(it["y"].numpy().ravel())
-            batches.append({k: v.unsqueeze(0) for k, v in it.items()})
-        y = np.concatenate(ys) if ys else np.zeros(0, np.int64)
+        return evaluate_samples(predictor, s, region_mods, batch_size)
+    te = chips[(chips.split == "test") & (chips.n_labelled > 0)]
+    ds = ChipDataset(stack_dir, labels_tif, te, grid, months, mods, mvf)
+    ys = []
+    for i in range(len(ds)):
+        it = ds[i]
+        complete = it["mask"][full].all(dim=0)
+        it["y"] = torch.where(complete, it["y"], torch.full_like(it["y"], IGNORE_INDEX))
+        ys.append(it["y"].numpy().ravel())
+        batches.append({k: v.unsqueeze(0) for k, v in it.items()})
+    y = np.concatenate(ys) if ys else np.zeros(0, np.int64)
+    return subset_table(predictor, batches, y, region_mods)
+
+
+def evaluate_samples(predictor: Predictor, s: PixelSamples, region_mods: Sequence[str] | None = None,
+                     batch_size: int = 8192) -> pd.DataFrame:
+    """Subset metrics on in-memory pixel samples (a region's test pixels or a sample table).
+
+    Only samples where every modality of ``region_mods`` is present are scored, so each subset
+    is evaluated on the same pixels with the other modalities masked.
+    """
+    mods = predictor.modalities
+    region_mods = list(region_mods or mods)
+    full = np.array([m in region_mods for m in mods])
+    s = s.subset(np.flatnonzero(s.mask[:, full].all(axis=1)))
+    batches = []
+    for i in range(0, len(s), batch_size):
+        b = {m: torch.from_numpy(v[i : i + batch_size]) for m, v in s.x.items()}
+        b["mask"] = torch.from_numpy(s.mask[i : i + batch_size])
+        batches.append(b)
+    return subset_table(predictor, batches, s.y, region_mods)
+
+
+def subset_table(predictor: Predictor, batches: list[dict[str, torch.Tensor]], y: np.ndarray,
+                 region_mods: Sequence[str]) -> pd.DataFrame:
+    """Score ``batches`` once per non-empty subset of ``region_mods`` (others masked as missing)."""
+    mods = predictor.modalities
     valid = y != IGNORE_INDEX
     rows = []
     for sub in tqdm(subsets(region_mods), desc="subsets", unit="subset"):
@@ -128,6 +147,12 @@ def html_report(regions: dict[str, dict[str, Path]], out: Path) -> None:
         if files.get("metrics") and Path(files["metrics"]).exists():
             parts.append("<h3>Held-out metrics per sensor subset (test split)</h3>")
             parts.append(pd.read_csv(files["metrics"]).to_html(index=False, float_format=lambda v: f"{v:.1f}"))
+        if files.get("expected") and Path(files["expected"]).exists():
+            import rasterio
+
+            with rasterio.open(files["expected"]) as src:
+                mean = src.tags().get("mean_expected", "n/a")
+            parts.append(f"<p>Mean expected weighted F1 over mapped pixels (expected_f1.tif): <b>{html.escape(mean)}</b></p>")
         if files.get("summary") and Path(files["summary"]).exists():
             s = json.loads(Path(files["summary"]).read_text())
             parts.append(f"<p>Training: {html.escape(json.dumps(s))}</p>")

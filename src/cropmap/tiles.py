@@ -127,8 +127,8 @@ def aligned_chips(label_ds: LabelRaster, grid: Grid, size: int) -> Iterator[tupl
     xmin, _, _, ymax = grid.bounds
     roi = shapely.box(xmin, ymax - ny * size * grid.res, xmin + nx * size * grid.res, ymax)
     for x, y, t in GridGeoSampler(label_ds, size=size, stride=size, roi=roi):
-        col0 = int(round((x.start - xmin) / grid.res))
-        row0 = int(round((ymax - y.stop) / grid.res))
+        col0 = round((x.start - xmin) / grid.res)
+        row0 = round((ymax - y.stop) / grid.res)
         yield row0, col0, (slice(x.start, x.stop, grid.res), slice(y.start, y.stop, grid.res), t)
 
 

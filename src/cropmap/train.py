@@ -27,8 +27,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from cropmap.grid import Grid
 from cropmap.io import atomic_path
-from cropmap.models import build_model
 from cropmap.modalities import BANDS, TEMPORAL
+from cropmap.models import build_model
 from cropmap.normalize import Normalizer, fit_stats
 from cropmap.tiles import ChipDataset, PixelSamples, sample_pixels
 
@@ -188,37 +188,48 @@ def run(settings: TrainSettings, stack_dir: Path, labels_tif: Path, chips_parque
     Returns:
         Training summary (epochs run, best validation loss, samples, device).
     """
-    L.seed_everything(settings.seed, workers=True)
     torch.set_num_threads(max(1, int(os.environ.get("CROPMAP_THREADS", torch.get_num_threads()))))
     chips = pd.read_parquet(chips_parquet)
-    k = n_classes(settings.classes)
     if settings.task == "classification":
         samples = sample_pixels(stack_dir, labels_tif, chips[chips.split != "test"], grid, settings.months,
                                 settings.modalities, settings.pixels_per_class, settings.min_valid_fraction,
                                 settings.seed, splits=("train", "val"))
         train_s, val_s = samples.subset(np.flatnonzero(samples.split == 0)), samples.subset(np.flatnonzero(samples.split == 1))
-        stats = fit_stats(train_s.x, "pixels")
-        weights = balanced_weights(train_s.y, k)
-        train_ds: Dataset = PixelDataset(train_s)
-        val_ds: Dataset = PixelDataset(val_s)
-        n_train, n_val = len(train_s), len(val_s)
-    else:
-        args = (stack_dir, labels_tif)
-        tr = chips[(chips.split == "train") & (chips.n_labelled > 0)]
-        va = chips[(chips.split == "val") & (chips.n_labelled > 0)]
-        train_ds = ChipDataset(*args, tr, grid, settings.months, settings.modalities, settings.min_valid_fraction)
-        val_ds = ChipDataset(*args, va, grid, settings.months, settings.modalities, settings.min_valid_fraction)
-        stats = chip_stats(train_ds, 256, settings.seed)
-        weights = balanced_weights(chip_labels(train_ds), k)
-        n_train, n_val = len(tr), len(va)
-    if n_train == 0 or n_val == 0:
-        raise ValueError(f"{labels_tif}: {n_train} training and {n_val} validation samples; the region needs labelled pixels in both splits (enlarge it or lower split.block_size)")
+        return fit_pixels(settings, train_s, val_s, out_ckpt, work_dir)
+    args = (stack_dir, labels_tif)
+    tr = chips[(chips.split == "train") & (chips.n_labelled > 0)]
+    va = chips[(chips.split == "val") & (chips.n_labelled > 0)]
+    train_ds = ChipDataset(*args, tr, grid, settings.months, settings.modalities, settings.min_valid_fraction)
+    val_ds = ChipDataset(*args, va, grid, settings.months, settings.modalities, settings.min_valid_fraction)
+    if len(tr) == 0 or len(va) == 0:
+        raise ValueError(f"{labels_tif}: {len(tr)} training and {len(va)} validation chips with labels; enlarge the region or lower split.block_size")
+    return fit(settings, train_ds, val_ds, chip_stats(train_ds, 256, settings.seed),
+               balanced_weights(chip_labels(train_ds), n_classes(settings.classes)), out_ckpt, work_dir)
+
+
+def fit_pixels(settings: TrainSettings, train_s: PixelSamples, val_s: PixelSamples, out_ckpt: Path, work_dir: Path) -> dict[str, Any]:
+    """Train a classification model on in-memory pixel samples (regions or sample tables).
+
+    Normalisation statistics and class weights come from ``train_s`` only.
+    """
+    if len(train_s) == 0 or len(val_s) == 0:
+        raise ValueError(f"{len(train_s)} training and {len(val_s)} validation pixels: both splits need labelled samples")
+    stats = fit_stats(train_s.x, "pixels")
+    weights = balanced_weights(train_s.y, n_classes(settings.classes))
+    return fit(settings, PixelDataset(train_s), PixelDataset(val_s), stats, weights, out_ckpt, work_dir)
+
+
+def fit(settings: TrainSettings, train_ds: Dataset, val_ds: Dataset, stats: dict, weights: list[float],
+        out_ckpt: Path, work_dir: Path) -> dict[str, Any]:
+    """Run the Lightning loop and write the ``model.ckpt`` bundle (resuming from ``last.ckpt``)."""
+    L.seed_everything(settings.seed, workers=True)
+    n_train, n_val = len(train_ds), len(val_ds)  # type: ignore[arg-type]
     acc = accelerator(settings.device)
     prec = precision(settings.precision, acc)
     module = CoLearningModule(settings.model_kwargs(), stats, settings.lr, weights)
     gen = torch.Generator().manual_seed(settings.seed)
     loader_kw: dict[str, Any] = {"num_workers": settings.num_workers, "persistent_workers": settings.num_workers > 0}
-    train_dl = DataLoader(train_ds, batch_size=settings.batch_size, shuffle=True, generator=gen, drop_last=n_train > settings.batch_size, **loader_kw)
+    train_dl = DataLoader(train_ds, batch_size=settings.batch_size, shuffle=True, generator=gen, drop_last=n_train > settings.batch_size and n_train % settings.batch_size < 2, **loader_kw)
     val_dl = DataLoader(val_ds, batch_size=settings.batch_size * 2, shuffle=False, **loader_kw)
     work_dir.mkdir(parents=True, exist_ok=True)
     ckpt_cb = ModelCheckpoint(dirpath=work_dir, filename="best", monitor="val_loss", mode="min", save_last=True)
@@ -242,16 +253,23 @@ def run(settings: TrainSettings, stack_dir: Path, labels_tif: Path, chips_parque
         "best_val_loss": float(ckpt_cb.best_model_score) if ckpt_cb.best_model_score is not None else None,
         "n_train": n_train, "n_val": n_val, "accelerator": acc, "precision": prec, "resumed": resume is not None,
     }
-    bundle = {
-        "state_dict": state, "model_kwargs": settings.model_kwargs(), "stats": stats, "classes": settings.classes,
-        "modalities": settings.modalities, "months": settings.months, "task": settings.task,
-        "min_valid_fraction": settings.min_valid_fraction, "class_weights": weights, "summary": summary,
-        "temporal": {m: TEMPORAL[m] for m in settings.modalities},
-    }
-    with atomic_path(out_ckpt) as tmp:
-        torch.save(bundle, tmp)
+    module.load_state_dict(state)
+    save_bundle(module, settings, out_ckpt, summary)
     (out_ckpt.parent / "train_summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def save_bundle(module: CoLearningModule, settings: TrainSettings, out: Path, summary: dict[str, Any]) -> None:
+    """Write the ``model.ckpt`` bundle read by :func:`load_bundle` (atomic)."""
+    bundle = {
+        "state_dict": module.state_dict(), "model_kwargs": settings.model_kwargs(), "stats": module.norm.stats(),
+        "classes": settings.classes, "modalities": settings.modalities, "months": settings.months,
+        "task": settings.task, "min_valid_fraction": settings.min_valid_fraction,
+        "class_weights": module.hparams["class_weights"], "summary": summary,
+        "temporal": {m: TEMPORAL[m] for m in settings.modalities},
+    }
+    with atomic_path(out) as tmp:
+        torch.save(bundle, tmp)
 
 
 def load_bundle(path: Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, Normalizer, dict]:

@@ -137,3 +137,55 @@ def test_modality_subset_and_absent_key(batch_fn):
     out = m(batch)
     assert bool(out["avail"][:, 1].any()) is False
     assert torch.allclose(out["logits"], out["per_modality"]["s2"])
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_eval_mode_loss_is_deterministic(method, batch_fn, build_fn):
+    model = build_fn(method, "classification")
+    batch = batch_fn("classification")
+    train_keys = set(model.train().loss(model(batch), batch))
+    model.eval()
+    with torch.no_grad():
+        a = model.loss(model(batch), batch)
+        b = model.loss(model(batch), batch)
+    assert set(a) == train_keys
+    assert torch.equal(a["total"], b["total"]) and torch.isfinite(a["total"])
+
+
+def test_class_weights_are_used_and_not_saved(batch_fn, build_fn):
+    w = torch.tensor([1.0, 5.0, 0.2])
+    model = build_fn("unimodal", "classification", class_weights=w).eval()
+    plain = build_fn("unimodal", "classification")
+    plain.load_state_dict(model.state_dict())  # weights are config, not state
+    plain.eval()
+    batch = batch_fn("classification")
+    with torch.no_grad():
+        lw = model.loss(model(batch), batch)["ce_s2"]
+        lp = plain.loss(plain(batch), batch)["ce_s2"]
+        logits = model(batch)["per_modality"]["s2"]
+    assert torch.allclose(lp, torch.nn.functional.cross_entropy(logits, batch["y"]))
+    assert torch.allclose(lw, torch.nn.functional.cross_entropy(logits, batch["y"], weight=w))
+
+
+def test_encoders_for_unselected_modality_are_ignored():
+    m = build_model(
+        "unimodal",
+        task="classification",
+        modalities=("s2",),
+        in_channels={"s2": 10},
+        n_steps=4,
+        n_classes=3,
+        hidden=8,
+        encoders={"s2": "gru", "dem": "mlp"},
+    )
+    assert list(m.encoders) == ["s2"]
+    with pytest.raises(UnknownNameError, match="landsat"):
+        build_model(
+            "unimodal",
+            task="classification",
+            modalities=("s2",),
+            in_channels={"s2": 10},
+            n_steps=4,
+            n_classes=3,
+            encoders={"landsat": "gru"},
+        )

@@ -1,9 +1,27 @@
 # Helpers and input functions shared by the rule files.
+import os
 import sys
 
-PY = sys.executable  # the interpreter running snakemake, which has cropmap installed
+# Jobs run `python -m cropmap`: make the package importable from this checkout in any
+# environment that has its dependencies (a venv, or the conda env of envs/cropmap.yaml).
+SRC = os.path.join(workflow.basedir, "src")
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (SRC, os.environ.get("PYTHONPATH")) if p)
 
-from cropmap.config import dumps, has_labels, model_region, region_grid, stage_params, validate
+
+envvars:
+    "PYTHONPATH",
+
+
+from cropmap.config import (
+    compare_regions,
+    compare_task,
+    dumps,
+    has_labels,
+    model_region,
+    region_grid,
+    stage_params,
+    validate,
+)
 from cropmap.errors import ConfigError
 from cropmap.grid import tiles as tile_names
 
@@ -22,6 +40,7 @@ wildcard_constraints:
     region="[a-z0-9_-]+",
     task="classification|segmentation",
     tile="r[0-9]+_c[0-9]+",
+    method="[a-z_]+",
 
 
 def params_json(stage):

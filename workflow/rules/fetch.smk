@@ -8,10 +8,12 @@ rule fetch:
         cache=f"{DATA}/{{region}}/.fetch",
     log:
         f"logs/{{region}}/fetch.log",
+    conda:
+        "../../envs/cropmap.yaml"
     threads: 1
     resources:
         mem_mb=4000,
         runtime=120,
     shell:
-        "{PY} -m cropmap fetch --params {params.p:q} --raw-dir {output.raw} --cache-dir {params.cache}"
+        "python -m cropmap fetch --params {params.p:q} --raw-dir {output.raw} --cache-dir {params.cache}"
         " --availability {output.availability} > {log} 2>&1"

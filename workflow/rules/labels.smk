@@ -9,12 +9,14 @@ rule labels:
         p=params_json("labels"),
     log:
         f"logs/{{region}}/labels.log",
+    conda:
+        "../../envs/cropmap.yaml"
     threads: 1
     resources:
         mem_mb=2000,
         runtime=30,
     shell:
-        "{PY} -m cropmap labels --params {params.p:q} --raw-dir {input.raw} --out-tif {output.tif}"
+        "python -m cropmap labels --params {params.p:q} --raw-dir {input.raw} --out-tif {output.tif}"
         " --out-gpkg {output.gpkg} > {log} 2>&1"
 
 
@@ -29,10 +31,12 @@ rule chips:
         p=params_json("chips"),
     log:
         f"logs/{{region}}/chips.log",
+    conda:
+        "../../envs/cropmap.yaml"
     threads: 1
     resources:
         mem_mb=2000,
         runtime=30,
     shell:
-        "{PY} -m cropmap chips --params {params.p:q} --stack-dir {input.stack} --labels {input.labels}"
+        "python -m cropmap chips --params {params.p:q} --stack-dir {input.stack} --labels {input.labels}"
         " --out {output} > {log} 2>&1"

@@ -10,12 +10,14 @@ rule mosaic:
         p=params_json("maps"),
     log:
         f"logs/{{region}}/mosaic.log",
+    conda:
+        "../../envs/cropmap.yaml"
     threads: 1
     resources:
         mem_mb=2000,
         runtime=30,
     shell:
-        "{PY} -m cropmap maps --params {params.p:q} --tiles {input.tiles} --out {output.map}"
+        "python -m cropmap maps --params {params.p:q} --tiles {input.tiles} --out {output.map}"
         " --quicklook {output.quicklook} --stac {output.stac} > {log} 2>&1"
 
 
@@ -25,3 +27,23 @@ rule maps:
         expand(f"{RESULTS}/{{region}}/map.tif", region=REGIONS),
         expand(f"{RESULTS}/{{region}}/quicklook.png", region=REGIONS),
         expand(f"{RESULTS}/{{region}}/metrics.csv", region=labelled_regions()),
+        expand(f"{RESULTS}/{{region}}/expected_f1.tif", region=REGIONS),
+
+
+rule expected_accuracy:
+    """Per pixel, the held-out weighted F1 of the sensor subset that pixel was mapped with."""
+    input:
+        map=f"{RESULTS}/{{region}}/map.tif",
+        metrics=lambda wc: f"{RESULTS}/{model_region(config, wc.region)}/metrics.csv",
+    output:
+        f"{RESULTS}/{{region}}/expected_f1.tif",
+    log:
+        f"logs/{{region}}/expected_f1.log",
+    conda:
+        "../../envs/cropmap.yaml"
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=10,
+    shell:
+        "python -m cropmap expected --map {input.map} --metrics {input.metrics} --out {output} > {log} 2>&1"

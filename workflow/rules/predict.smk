@@ -9,11 +9,13 @@ rule predict:
         p=params_json("predict"),
     log:
         f"logs/{{region}}/predict/{{tile}}.log",
+    conda:
+        "../../envs/cropmap.yaml"
     threads: 1
     resources:
         mem_mb=4000,
         runtime=60,
         gpu=1 if config["prediction"]["device"] == "cuda" else 0,
     shell:
-        "OMP_NUM_THREADS={threads} {PY} -m cropmap predict --params {params.p:q} --model {input.model}"
+        "OMP_NUM_THREADS={threads} python -m cropmap predict --params {params.p:q} --model {input.model}"
         " --stack-dir {input.stack} --tile {wildcards.tile} --out {output} > {log} 2>&1"

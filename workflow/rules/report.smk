@@ -11,12 +11,14 @@ rule metrics:
         p=params_json("report"),
     log:
         f"logs/{{region}}/metrics.log",
+    conda:
+        "../../envs/cropmap.yaml"
     threads: 1
     resources:
         mem_mb=4000,
         runtime=60,
     shell:
-        "{PY} -m cropmap report --params {params.p:q} --model {input.model} --stack-dir {input.stack}"
+        "python -m cropmap report --params {params.p:q} --model {input.model} --stack-dir {input.stack}"
         " --labels {input.labels} --chips {input.chips} --out {output} > {log} 2>&1"
 
 
@@ -26,6 +28,7 @@ rule report:
         metrics=expand(f"{RESULTS}/{{region}}/metrics.csv", region=labelled_regions()),
         quicklooks=expand(f"{RESULTS}/{{region}}/quicklook.png", region=REGIONS),
         availability=expand(f"{DATA}/{{region}}/availability.json", region=REGIONS),
+        expected=expand(f"{RESULTS}/{{region}}/expected_f1.tif", region=REGIONS),
     output:
         f"{RESULTS}/report.html",
     params:
@@ -36,15 +39,18 @@ rule report:
                     "quicklook": f"{RESULTS}/{r}/quicklook.png",
                     "availability": f"{DATA}/{r}/availability.json",
                     "summary": f"{MODELS}/{r}/{TASK}/train_summary.json",
+                    "expected": f"{RESULTS}/{r}/expected_f1.tif",
                 }
                 for r in REGIONS
             }
         ),
     log:
         "logs/report.log",
+    conda:
+        "../../envs/cropmap.yaml"
     threads: 1
     resources:
         mem_mb=1000,
         runtime=10,
     shell:
-        "{PY} -m cropmap html --regions {params.regions:q} --out {output} > {log} 2>&1"
+        "python -m cropmap html --regions {params.regions:q} --out {output} > {log} 2>&1"

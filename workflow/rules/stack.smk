@@ -8,9 +8,11 @@ rule stack:
         p=params_json("stack"),
     log:
         f"logs/{{region}}/stack.log",
+    conda:
+        "../../envs/cropmap.yaml"
     threads: 1
     resources:
         mem_mb=2000,
         runtime=60,
     shell:
-        "{PY} -m cropmap stack --params {params.p:q} --raw-dir {input.raw} --out-dir {output} > {log} 2>&1"
+        "python -m cropmap stack --params {params.p:q} --raw-dir {input.raw} --out-dir {output} > {log} 2>&1"

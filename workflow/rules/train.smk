@@ -11,12 +11,14 @@ rule train:
         work=f"{MODELS}/{{region}}/{{task}}/lightning",
     log:
         f"logs/{{region}}/train_{{task}}.log",
+    conda:
+        "../../envs/cropmap.yaml"
     threads: workflow.cores
     resources:
         mem_mb=8000,
         runtime=240,
         gpu=1 if config["training"]["device"] == "cuda" else 0,
     shell:
-        "CROPMAP_THREADS={threads} {PY} -m cropmap train --params {params.p:q} --task {wildcards.task}"
+        "CROPMAP_THREADS={threads} python -m cropmap train --params {params.p:q} --task {wildcards.task}"
         " --stack-dir {input.stack} --labels {input.labels} --chips {input.chips} --out {output}"
         " --work-dir {params.work} > {log} 2>&1"

@@ -169,14 +169,14 @@ def _double_conv(c_in: int, c_out: int) -> nn.Sequential:
 class UNetEncoder(nn.Module):
     """Small two-level U-Net: ``[B, C_in, H, W]`` -> per-pixel features ``[B, hidden, H, W]``.
 
-    Widths ``w, 2w, 4w`` with ``w = max(hidden // 4, 8)`` (32/64/128 at hidden=128, about 0.5 M
-    parameters: trains on CPU on 32x32 chips). H and W must be divisible by 4. Temporal
+    Widths ``w, 2w, 4w`` with ``w = max(hidden // 8, 8)`` (16/32/64 at hidden=128, ~0.1 M
+    parameters, ~25 MMAC per 32x32 chip: trains on CPU). H and W must be divisible by 4. Temporal
     modalities are given with time steps stacked as channels (``C_in = T * C``).
     """
 
     def __init__(self, in_channels: int, hidden: int = 128, dropout: float = 0.2):
         super().__init__()
-        w = max(hidden // 4, 8)
+        w = max(hidden // 8, 8)
         self.enc1 = _double_conv(in_channels, w)
         self.enc2 = _double_conv(w, 2 * w)
         self.bott = nn.Sequential(_double_conv(2 * w, 4 * w), nn.Dropout2d(dropout))

@@ -12,8 +12,9 @@ Common contract (see ``cropmap.models`` for the batch layout):
   logits over the *available* modalities (per pixel for per-pixel masks); 0 where no modality is
   available; never NaN. ``out["per_modality"][m]``: logits of modality m, 0 where unavailable.
   ``out["avail"]``: bool ``[B, M]`` (classification) / ``[B, M, H, W]`` (segmentation).
-* ``loss(out, batch)``: dict of named terms plus ``"total"`` (their unweighted sum). Supervised
-  terms ignore positions without label (``-100``) and, for per-modality terms, positions where
+* ``loss(out, batch)``: dict of named terms plus ``"total"`` (their unweighted sum); the same
+  keys in eval mode, where ModDrop-style terms drop nothing (a deterministic validation loss).
+  Supervised terms ignore positions without label (``-100``) and, for per-modality terms, positions where
   that modality is missing.
 * For segmentation the feature-level terms (contrastive, modality discriminant) use per-chip
   features, mean-pooled over the pixels where the modality is available; the predictive and
@@ -105,17 +106,18 @@ class CoLearningModel(nn.Module):
         self.dropout = dropout
         self.generator = generator
         enc = dict(encoders or {})
-        for name in enc:
-            if name not in mods and name != "input":
+        for name in enc:  # entries for known but unselected modalities are ignored
+            if name not in MODALITIES and name != "input":
+                valid = ", ".join((*MODALITIES, "input"))
                 raise UnknownNameError(
-                    f"encoders given for unknown modality {name!r}; valid: {', '.join(mods)}"
+                    f"encoders given for unknown modality {name!r}; valid: {valid}"
                 )
         self.encoder_names = {m: enc.get(m, self._default_encoder(m)) for m in mods}
         if "input" in enc:
             self.encoder_names["input"] = enc["input"]
         w = None if class_weights is None else torch.as_tensor(class_weights, dtype=torch.float32)
         self.class_weights: Tensor | None
-        self.register_buffer("class_weights", w)
+        self.register_buffer("class_weights", w, persistent=False)  # config, not state
 
     # ------------------------------------------------------------------ building blocks
     def _default_encoder(self, m: str) -> str:
@@ -302,10 +304,10 @@ class _DecisionLevel(CoLearningModel):
         """Hook for method-specific outputs (e.g. the ModDrop-fused logits in training)."""
 
     def _dropped(self, out: Output, stacked: Tensor, avail: Tensor, keep_prob: float) -> None:
-        if self.training:
-            keep = moddrop_keep(avail, keep_prob, self.generator)
-            out["keep"] = keep
-            out["logits_miss"] = fuse_mean(stacked, keep)
+        """``out["keep"]`` and ``out["logits_miss"]``: ModDrop in training, no drop in eval."""
+        keep = moddrop_keep(avail, keep_prob, self.generator) if self.training else avail
+        out["keep"] = keep
+        out["logits_miss"] = fuse_mean(stacked, keep)
 
 
 class Unimodal(_DecisionLevel):
@@ -356,8 +358,7 @@ class DSensDPlus(_DecisionLevel):
         n_mod = len(self.modalities)
         any_a = avail.any(1)
         terms = {"main": self._sup(fused, y, any_a)}
-        if "logits_miss" in out:
-            terms["drop"] = self._sup(out["logits_miss"], y, out["keep"].any(1))
+        terms["drop"] = self._sup(out["logits_miss"], y, out["keep"].any(1))
         terms["mut_ce"] = (
             sum(
                 (self._sup(per[m], y, avail[:, i]) for i, m in enumerate(self.modalities)),
@@ -486,8 +487,6 @@ class CoMiss(_FeatureCoLearning):
 
     def _terms(self, out: Output, y: Tensor) -> dict[str, Tensor]:
         terms = super()._terms(out, y)
-        if "logits_miss" not in out:
-            raise RuntimeError("Co-Miss loss needs a train-mode forward (ModDrop draws)")
         valid = out["keep"].any(1)
         terms["miss_ce"] = self._sup(out["logits_miss"], y, valid)
         terms["miss_kd"] = self._kd(out["logits"], out["logits_miss"], self.tau, valid)
@@ -668,14 +667,11 @@ class ModDrop(_FeatureMean):
         self.alpha = alpha
 
     def _extra(self, out: Output, feats: Mapping[str, Tensor], avail: Tensor) -> None:
-        if self.training:
-            keep = moddrop_keep(avail, self.alpha, self.generator)
-            out["keep"] = keep
-            out["logits_miss"] = self._fused(feats, keep)
+        keep = moddrop_keep(avail, self.alpha, self.generator) if self.training else avail
+        out["keep"] = keep
+        out["logits_miss"] = self._fused(feats, keep)
 
     def _terms(self, out: Output, y: Tensor) -> dict[str, Tensor]:
-        if "logits_miss" not in out:
-            raise RuntimeError("ModDrop loss needs a train-mode forward (ModDrop draws)")
         return {"drop": self._sup(out["logits_miss"], y, out["keep"].any(1))}
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -261,11 +262,14 @@ def open_client(cfg: StacConfig):
         raise SourceError(f"cannot open the STAC API at {cfg.url}: {e}") from e
 
 
-def search_items(client, cfg: StacConfig, modality: str, grid: Grid, months: Sequence[str]) -> list:
+def search_items(client, cfg: StacConfig, modality: str, grid: Grid, months: Sequence[str]) -> tuple[int, list]:
     """Items of the modality's collection over the grid (and season for temporal modalities).
 
     Cloud cover (``eo:cloud_cover`` <= ``max_cloud``) and orbit (``sat:orbit_state``) are
     filtered here rather than with the query extension, so any STAC API works.
+
+    Returns:
+        ``(number found before filtering, items kept sorted by time)``.
     """
     collection = cfg.collections[modality]
     kw: dict = {"collections": [collection], "bbox": _lonlat_bbox(grid), "limit": cfg.limit, "method": cfg.search_method}
@@ -276,13 +280,14 @@ def search_items(client, cfg: StacConfig, modality: str, grid: Grid, months: Seq
         items = list(client.search(**kw).items())
     except Exception as e:
         raise SourceError(f"STAC search of {collection} at {cfg.url} failed: {e}") from e
+    found = len(items)
     if modality == "s2":
         items = [it for it in items if float(it.properties.get("eo:cloud_cover", 0.0)) <= cfg.max_cloud]
     if modality == "s1" and cfg.orbit:
         items = [it for it in items if str(it.properties.get("sat:orbit_state", "")).lower() == cfg.orbit]
     keys = set(cfg.assets[modality].values())
     items = [it for it in items if keys & set(it.assets)]
-    return sorted(items, key=lambda it: (_item_time(it), it.id))
+    return found, sorted(items, key=lambda it: (_item_time(it), it.id))
 
 
 # --------------------------------------------------------------------------------------------
@@ -306,129 +311,190 @@ def _gdal_env(cfg: StacConfig) -> dict:
         "CPL_VSIL_CURL_ALLOWED_EXTENSIONS": ".tif,.TIF,.tiff,.TIFF",
         "CPL_VSIL_CURL_USE_HEAD": "NO",
         "VSI_CACHE": "TRUE",
+        # Never remember a failed open: a dropped first request must not make a file "missing"
+        # for the rest of the process (GDAL's /vsicurl/ negative cache).
+        "CPL_VSIL_CURL_NON_CACHED": "/vsicurl/",
     }
 
 
+_URL_QUERY = re.compile(r"(https?://[^\s?'\"]+)\?[^\s'\"]*")
+
+
+def redact(text: object) -> str:
+    """``text`` with URL query strings (SAS tokens, signatures) replaced by ``<redacted>``."""
+    return _URL_QUERY.sub(r"\1?<redacted>", str(text))
+
+
+class _RedactFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        if "?" in msg:
+            record.msg, record.args = redact(msg), ()
+        return True
+
+
+def _install_redaction() -> None:
+    """Keep signed URLs out of odc-stac's and GDAL's log records."""
+    for name in ("odc.loader._rio", "rasterio._env", "urllib3.connectionpool", __name__):
+        lg = logging.getLogger(name)
+        if not any(isinstance(f, _RedactFilter) for f in lg.filters):
+            lg.addFilter(_RedactFilter())
+
+
+class _AssetPolicy:
+    """What a failed read of one asset means: retry it, or give it up as broken (NaN).
+
+    An asset that answers 401/403/404/410, or whose first bytes are not a TIFF, is broken for
+    good; anything else (429, 5xx, dropped connections, timeouts) is transient.
+    """
+
+    def __init__(self, cfg: StacConfig, modality: str) -> None:
+        self.cfg = cfg
+        self.modality = modality
+        self.session = requests_session(cfg.backoff, cfg.headers or None)
+        self.broken: dict[str, str] = {}  # url without query -> reason
+        self._lock = threading.Lock()
+
+    def is_broken(self, uri: str) -> bool:
+        with self._lock:
+            return uri.split("?")[0] in self.broken
+
+    def classify(self, uri: str) -> bool:
+        """Probe ``uri``; True when it is permanently broken."""
+        key = uri.split("?")[0]
+        with self._lock:
+            if key in self.broken:
+                return True
+        if urlsplit(uri).scheme not in ("http", "https"):
+            return False
+        try:
+            r = self.session.get(uri, headers={"Range": "bytes=0-3"}, timeout=self.cfg.timeout)
+        except Exception:
+            return False
+        reason = None
+        if r.status_code in (401, 403, 404, 410):
+            reason = f"HTTP {r.status_code}"
+        elif r.status_code in (200, 206) and r.content[:4] not in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
+            reason = "not a TIFF"
+        if reason is None:
+            return False
+        with self._lock:
+            self.broken[key] = reason
+        log.warning("stac: %s asset %s is broken (%s): its pixels become NaN", self.modality, key, reason)
+        return True
+
+
+def _retrying_driver(policy: _AssetPolicy):
+    """An odc-loader rasterio driver whose reads are retried one asset at a time.
+
+    GDAL retries 429/5xx itself but not every dropped connection; here each asset read is
+    retried with backoff (``CPL_VSIL_CURL_NON_CACHED`` makes GDAL forget the failed open), and a
+    permanently broken asset reads as nodata instead of failing the block.
+    """
+    from odc.loader._rio import RioDriver, rio_read
+    from odc.stac._mdtools import StacAuxReader, StacMDParser
+
+    backoff = policy.cfg.backoff
+
+    class _Reader:
+        def __init__(self, src, ctx) -> None:
+            self._src = src
+
+        def read(self, cfg, dst_geobox, *, dst=None, selection=None):
+            strict = cfg.patch(fail_on_error=True)
+            for attempt in range(backoff.retries + 1):
+                if policy.is_broken(self._src.uri):
+                    break
+                try:
+                    return rio_read(self._src, strict, dst_geobox, dst=dst, selection=selection)
+                except Exception as e:
+                    if policy.classify(self._src.uri):
+                        break
+                    if attempt >= backoff.retries:
+                        raise SourceError(
+                            f"reading {redact(self._src.uri)} failed after {backoff.retries} retries ({redact(e)}); "
+                            "rerun later: finished blocks are kept"
+                        ) from None
+                    time.sleep(backoff.delay(attempt))
+            # Broken asset: nothing read, the destination keeps its nodata (NaN).
+            out = dst[0:0, 0:0] if dst is not None else np.ndarray((0, 0), dtype=cfg.dtype)
+            return np.s_[0:0, 0:0], out
+
+    class _Driver(RioDriver):
+        def open(self, src, ctx):
+            return _Reader(src, ctx)
+
+    return _Driver(md_parser=StacMDParser({}), aux_reader=StacAuxReader())
+
+
 class _Reader:
-    """Loads items onto a tile with odc-stac, isolating broken assets."""
+    """Loads items onto a tile with odc-stac (dask), one variable per asset key."""
 
     def __init__(self, cfg: StacConfig, signer: SasSigner | None, modality: str) -> None:
         self.cfg = cfg
         self.signer = signer
         self.modality = modality
         self.collection = cfg.collections[modality]
-        self.session = requests_session(cfg.backoff, cfg.headers or None)
-        self.broken: dict[str, str] = {}  # href -> reason
-        self.checked: set[str] = set()
-        self.nan_fallbacks = 0
-
-    def href(self, href: str) -> str:
-        return self.signer.sign(href, self.collection) if self.signer else href
+        self.policy = _AssetPolicy(cfg, modality)
 
     @property
-    def patch_url(self) -> Callable[[str], str] | None:
-        return partial(self.signer.sign, collection=self.collection) if self.signer else None
+    def broken(self) -> dict[str, str]:
+        return self.policy.broken
 
-    def probe(self, items: list, keys: Sequence[str]) -> None:
-        """Find assets that are permanently unreadable (404/403/410, not a TIFF).
+    def _sign(self, href: str) -> str:
+        return self.signer.sign(href, self.collection) if self.signer else href
 
-        Raises:
-            SourceError: when an asset still fails transiently after the retries.
+    def _load_lazy(self, items: list, keys: Sequence[str], geobox):
+        """Lazy dataset of the assets ``keys`` on ``geobox``, NaN nodata, aligned on time.
+
+        Each asset key is loaded from the items that have it (odc-stac takes a collection's
+        bands from the first item); a time step missing for a key is NaN.
         """
-        for it in items:
-            for k in keys:
-                a = it.assets.get(k)
-                if a is None or a.href in self.checked:
-                    continue
-                url = self.href(a.href)
-                if urlsplit(url).scheme not in ("http", "https"):
-                    self.checked.add(a.href)
-                    continue
-                try:
-                    r = self.session.get(url, headers={"Range": "bytes=0-3"}, timeout=self.cfg.timeout)
-                except Exception as e:
-                    raise SourceError(f"asset {a.href} of item {it.id} is unreachable after {self.cfg.backoff.retries} retries: {e}") from e
-                if r.status_code in (401, 403, 404, 410):
-                    self.broken[a.href] = f"HTTP {r.status_code}"
-                elif r.status_code in RETRY_STATUS:
-                    raise SourceError(f"asset {a.href} of item {it.id} answered HTTP {r.status_code} after {self.cfg.backoff.retries} retries; rerun later (finished blocks are kept)")
-                elif r.status_code in (200, 206) and not r.content[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
-                    self.broken[a.href] = "not a TIFF"
-                self.checked.add(a.href)
-                if a.href in self.broken:
-                    log.warning("%s asset %s of item %s is broken (%s): its pixels become NaN", self.modality, k, it.id, self.broken[a.href])
-
-    def _without_broken(self, items: list) -> list:
-        out = []
-        for it in items:
-            if any(a.href in self.broken for a in it.assets.values()):
-                it = it.clone()
-                for k in [k for k, a in it.assets.items() if a.href in self.broken]:
-                    del it.assets[k]
-            out.append(it)
-        return out
-
-    def _load_once(self, items: list, keys: Sequence[str], geobox, fail_on_error: bool):
         import odc.stac
         import rasterio
+        import xarray as xr
 
-        present = [k for k in keys if any(k in it.assets for it in items)]
-        if not items or not present:
-            return None
         res = self.cfg.resampling.get(self.modality, "nearest")
-        resampling = {k: ("nearest" if k == self.cfg.assets.get("s2", {}).get("SCL") else res) for k in present}
+        scl = self.cfg.assets.get("s2", {}).get("SCL") if self.modality == "s2" else None
+        patch = partial(self.signer.sign, collection=self.collection) if self.signer else None
+        parts = []
         with rasterio.Env(**_gdal_env(self.cfg)):
-            ds = odc.stac.load(
-                items, bands=present, geobox=geobox, groupby="solar_day", dtype="float32",
-                chunks={"x": 512, "y": 512}, resampling=resampling, patch_url=self.patch_url,
-                fail_on_error=fail_on_error,
-            )
-        return ds
+            for k in keys:
+                its = [it for it in items if k in it.assets]
+                if not its:
+                    continue
+                parts.append(odc.stac.load(
+                    its, bands=[k], geobox=geobox, groupby="solar_day", dtype="float32",
+                    chunks={"x": 512, "y": 512}, resampling="nearest" if k == scl else res,
+                    patch_url=patch, driver=_retrying_driver(self.policy),
+                ))
+        if not parts:
+            return None
+        return xr.merge(parts, join="outer", compat="override", combine_attrs="drop_conflicts")
 
     def load(self, items: list, keys: Sequence[str], geobox, compute: Callable) -> np.ndarray | None:
-        """``compute(ds)`` on the items loaded onto ``geobox``; broken assets left out.
-
-        1. load everything; 2. on failure, probe the assets, drop the permanently broken ones and
-        retry with backoff; 3. if it still fails, read with odc-stac's ``fail_on_error=False``
-        (unreadable tiles become NaN) and say so.
-        """
+        """``compute(ds)`` on the items loaded onto ``geobox`` (dask threads, ``workers``)."""
         import dask
+        import rasterio
 
-        def run(its: list, fail: bool) -> np.ndarray | None:
-            ds = self._load_once(its, keys, geobox, fail)
-            if ds is None:
-                return None
-            import rasterio
-
-            with dask.config.set(scheduler="threads", num_workers=self.cfg.workers), rasterio.Env(**_gdal_env(self.cfg)):
-                return compute(ds)
-
-        items = self._without_broken(items)
+        ds = self._load_lazy(items, keys, geobox)
+        if ds is None:
+            return None
         try:
-            return run(items, True)
+            with dask.config.set(scheduler="threads", num_workers=self.cfg.workers), rasterio.Env(**_gdal_env(self.cfg)):
+                out = compute(ds)
         except SourceError:
             raise
-        except Exception as first:
-            log.info("%s block failed (%s); checking its assets", self.modality, first)
-        self.probe(items, keys)
-        items = self._without_broken(items)
-        if self.broken and all(it.assets.get(k) is None or it.assets[k].href in self.broken for it in items for k in keys):
-            reasons = sorted(set(self.broken.values()))
-            raise SourceError(f"every {self.modality} asset of this block is unreadable ({', '.join(reasons)}): check the STAC URL, signing (stac.sign / stac.sas_url) and credentials")
-        last: Exception | None = None
-        b = self.cfg.backoff
-        for attempt in range(b.retries + 1):
-            try:
-                return run(items, True)
-            except SourceError:
-                raise
-            except Exception as e:
-                last = e
-                if attempt < b.retries:
-                    time.sleep(b.delay(attempt))
-        log.warning("%s block still unreadable after %d retries (%s): reading what can be read, the rest becomes NaN", self.modality, b.retries, last)
-        self.nan_fallbacks += 1
-        return run(items, False)
+        except Exception as e:
+            raise SourceError(f"stac {self.modality}: reading a block failed: {redact(e)}") from None
+        urls = {self._sign(it.assets[k].href).split("?")[0] for it in items for k in keys if k in it.assets}
+        if urls and all(u in self.broken for u in urls):
+            reasons = ", ".join(sorted(set(self.broken.values())))
+            raise SourceError(
+                f"every {self.modality} asset of a block is unreadable ({reasons}): check stac.url, "
+                "signing (stac.sign / stac.sas_url) and credentials"
+            )
+        return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -571,6 +637,7 @@ def fetch_stac(
         SourceError: the API or its assets failed after the retries (finished blocks are kept).
     """
     cfg = StacConfig.from_options(options)
+    _install_redaction()
     raw_dir = Path(raw_dir)
     unknown = [m for m in modalities if m not in BANDS]
     if unknown:
@@ -599,10 +666,12 @@ def fetch_stac(
         if stack_is_complete(path, grid, desc):
             out[m] = path
             continue
-        items = search_items(client, cfg, m, grid, months)
-        if not items:
+        found, items = search_items(client, cfg, m, grid, months)
+        if not found:
             log.warning("stac: no %s items in %s over this region and season: %s not written", m, cfg.collections[m], m)
             continue
+        if not items:
+            log.warning("stac: all %d %s items were filtered out (max_cloud / orbit): every month is NaN", found, m)
         _fetch_modality(cfg, signer, m, grid, months, items, path, desc)
         out[m] = path
     return out

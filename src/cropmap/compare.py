@@ -1,0 +1,91 @@
+"""The missing-sensor evaluation protocol (seed 000, Table 1) across methods.
+
+Every method is trained on the same splits with the same seed and evaluated on every non-empty
+subset of modalities. ``summarise`` reports per method the average weighted F1 over
+'moderate' subsets (exactly one modality missing), 'extreme' subsets (exactly one present) and
+all subsets ('overall'), as the paper does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from cropmap.io import atomic_path
+
+TABLE_COLUMNS = ["method", "subset", "f1_weighted", "f1_macro", "accuracy", "n"]
+
+
+def summarise(table: pd.DataFrame, metric: str = "f1_weighted") -> pd.DataFrame:
+    """Moderate / extreme / overall averages of ``metric`` per method (and per other key columns).
+
+    Args:
+        table: rows of (``method``, ``subset``, metrics ...); optional ``region``/``fold`` columns.
+        metric: the column to average.
+
+    Returns:
+        One row per method (per region when present): ``moderate, extreme, overall, full``
+        (``full`` = all modalities present), plus ``*_std`` over folds when a ``fold`` column exists.
+    """
+    t = table.copy()
+    t["k"] = t["subset"].str.count(r"\+") + 1
+    keys = [c for c in ("region", "method") if c in t.columns]
+    rows = []
+    for key, g in t.groupby(keys + (["fold"] if "fold" in t.columns else []), sort=False):
+        m = int(g["k"].max())
+        key = key if isinstance(key, tuple) else (key,)
+        rows.append(dict(zip(keys + (["fold"] if "fold" in t.columns else []), key, strict=True)) | {
+            "moderate": g.loc[g.k == m - 1, metric].mean() if m > 1 else np.nan,
+            "extreme": g.loc[g.k == 1, metric].mean(),
+            "overall": g[metric].mean(),
+            "full": g.loc[g.k == m, metric].mean(),
+        })
+    s = pd.DataFrame(rows)
+    if "fold" in s.columns:
+        agg = s.drop(columns="fold").groupby(keys, sort=False)
+        s = agg.mean().join(agg.std(ddof=0).add_suffix("_std")).reset_index()
+    return s
+
+
+def heatmap(table: pd.DataFrame, out_png: Path, metric: str = "f1_weighted", title: str = "") -> None:
+    """Method x subset heatmap of ``metric`` (mean over folds/regions)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    piv = table.pivot_table(index="method", columns="subset", values=metric, aggfunc="mean", sort=False)
+    order = sorted(piv.columns, key=lambda s: (-(s.count("+") + 1), s))
+    piv = piv[order]
+    fig, ax = plt.subplots(figsize=(max(8, 0.6 * len(order) + 3), 0.45 * len(piv) + 2), dpi=100)
+    im = ax.imshow(piv.values, cmap="viridis", aspect="auto", vmin=0, vmax=100)
+    ax.set_xticks(range(len(order)), order, rotation=60, ha="right")
+    ax.set_yticks(range(len(piv)), piv.index)
+    for i in range(piv.shape[0]):
+        for j in range(piv.shape[1]):
+            v = piv.values[i, j]
+            if np.isfinite(v):
+                ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=7, color="white" if v < 60 else "black")
+    fig.colorbar(im, ax=ax, label=metric)
+    ax.set_title(title or f"{metric} per method and sensor subset")
+    fig.tight_layout()
+    with atomic_path(out_png) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
+def collect(parts: Sequence[Path], out_table: Path, out_summary: Path, out_png: Path | None = None) -> pd.DataFrame:
+    """Concatenate per-method subset tables and write ``table.csv``, ``summary.csv`` and the heatmap."""
+    table = pd.concat([pd.read_csv(p) for p in parts], ignore_index=True)
+    extra = [c for c in ("region", "fold") if c in table.columns]
+    table = table[extra + TABLE_COLUMNS]
+    with atomic_path(out_table) as tmp:
+        table.round(2).to_csv(tmp, index=False)
+    with atomic_path(out_summary) as tmp:
+        summarise(table).round(2).to_csv(tmp, index=False)
+    if out_png is not None:
+        heatmap(table, out_png)
+    return table

@@ -1,0 +1,90 @@
+"""Stages stack and labels on small generated rasters and vectors with real CRS."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import geopandas as gpd
+import numpy as np
+import pytest
+import rasterio
+from affine import Affine
+from shapely.geometry import box
+
+from cropmap import labels, stack
+from cropmap.errors import GridMismatchError, LabelError
+from cropmap.grid import Grid
+from cropmap.modalities import band_descriptions
+
+CLASSES = [{"id": 0, "name": "non_crop", "colour": "#000000", "codes": ["NC"]},
+           {"id": 1, "name": "wheat", "colour": "#ffff00", "codes": ["BTH", 1110]}]
+MONTHS = ["2023-05", "2023-06"]
+
+
+@pytest.fixture
+def grid() -> Grid:
+    return Grid(crs="EPSG:32631", res=10.0, xmin=640000.0, ymax=5063000.0, width=40, height=30)
+
+
+def test_stack_warps_coarse_lonlat_weather_onto_grid_keeping_nan(tmp_path: Path, grid: Grid) -> None:
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    # 0.01 degree lon/lat raster covering the grid with margin; one month all NaN
+    lon0, lat0 = 4.78, 45.71
+    h, w = 6, 6
+    data = np.stack([np.full((h, w), 280.0 + i, np.float32) for i in range(4)])
+    data[2:4] = np.nan  # month 2023-06 missing
+    prof = {"driver": "GTiff", "width": w, "height": h, "count": 4, "dtype": "float32", "crs": "EPSG:4326",
+            "transform": Affine(0.01, 0, lon0, 0, -0.01, lat0), "nodata": np.nan}
+    with rasterio.open(raw / "weather.tif", "w", **prof) as dst:
+        dst.write(data)
+        dst.descriptions = tuple(band_descriptions("weather", MONTHS))
+    out = stack.run(raw, tmp_path / "stack", grid, MONTHS, ["s2", "weather"])
+    assert set(out) == {"weather"}, "absent modalities are simply absent"
+    grid.check(out["weather"])
+    with rasterio.open(out["weather"]) as src:
+        assert src.descriptions == tuple(band_descriptions("weather", MONTHS))
+        a = src.read()
+    assert np.allclose(a[0], 280.0) and np.allclose(a[1], 281.0)
+    assert np.isnan(a[2:]).all()
+
+
+def test_stack_refuses_wrong_band_count(tmp_path: Path, grid: Grid) -> None:
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    with rasterio.open(raw / "dem.tif", "w", **grid.profile(3)) as dst:
+        dst.write(np.zeros((3, grid.height, grid.width), np.float32))
+    with pytest.raises(GridMismatchError, match="dem.tif has 3 bands, expected 2"):
+        stack.run(raw, tmp_path / "stack", grid, MONTHS, ["dem"])
+
+
+def _fields(path: Path, grid: Grid, codes: list) -> Path:
+    x0, _, _, y1 = grid.bounds
+    geoms = [box(x0 + 10 + 60 * i, y1 - 250, x0 + 60 * (i + 1), y1 - 10) for i in range(len(codes))]
+    gpd.GeoDataFrame({"crop": codes}, geometry=geoms, crs=grid.crs).to_crs("EPSG:4326").to_file(path)
+    return path
+
+
+def test_labels_rasterise_codes_and_split_by_blocks(tmp_path: Path, grid: Grid) -> None:
+    vec = _fields(tmp_path / "f.geojson", grid, ["NC", "BTH", "1110", "wheat"])
+    counts = labels.run(vec, tmp_path / "labels.tif", tmp_path / "labels.gpkg", grid, CLASSES, column="crop",
+                        block_size=8, fractions={"train": 0.6, "val": 0.2, "test": 0.2}, seed=1)
+    with rasterio.open(tmp_path / "labels.tif") as src:
+        cls, split = src.read()
+        assert src.colormap(1)[1][:3] == (255, 255, 0)
+    assert set(np.unique(cls)) == {0, 1, 255}
+    assert sum(counts.values()) == int((cls != 255).sum())
+    # every 8x8 block has one split value, and all three splits exist
+    for r in range(0, grid.height, 8):
+        for c in range(0, grid.width, 8):
+            assert len(np.unique(split[r : r + 8, c : c + 8])) == 1
+    assert set(np.unique(split)) == {0, 1, 2}
+    out = gpd.read_file(tmp_path / "labels.gpkg")
+    assert out.crs.to_epsg() == 32631 and set(out["class_name"]) == {"non_crop", "wheat"}
+
+
+def test_unknown_label_code_names_file_and_fix(tmp_path: Path, grid: Grid) -> None:
+    vec = _fields(tmp_path / "f.gpkg", grid, ["NC", "XYZ"])
+    with pytest.raises(LabelError, match=r"f\.gpkg: 1 unknown class code.*'XYZ'.*classes\[\]\.codes"):
+        labels.run(vec, tmp_path / "l.tif", tmp_path / "l.gpkg", grid, CLASSES, column="crop")
+    assert not (tmp_path / "l.tif").exists(), "nothing half-written"

@@ -1,0 +1,139 @@
+"""A real ``snakemake`` run of the whole DAG on a tiny synthetic region."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import rasterio
+import yaml
+from rio_cogeo.cogeo import cog_validate
+
+from cropmap.modalities import MODALITIES
+from tests.conftest import ROOT, tiny_config
+
+pytestmark = pytest.mark.workflow
+
+HOLE = 20  # px: a corner where no source has data
+
+
+def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "--directory", str(workdir), "--cores", "2", *args]
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
+    if res.returncode != 0:
+        logs = "\n".join(f"--- {p}\n{p.read_text()[-3000:]}" for p in sorted((workdir / "logs").rglob("*.log")))
+        raise AssertionError(f"snakemake {' '.join(args)} failed:\n{res.stderr[-4000:]}\n{logs}")
+    return res
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    wd = tmp_path_factory.mktemp("wf")
+    (wd / "config.yaml").write_text(yaml.safe_dump(tiny_config(wd)))
+    snakemake(wd, "data/tiny/stack")
+    # a corner outside every source's footprint: all modalities NaN there
+    for f in (wd / "data/tiny/stack").glob("*.tif"):
+        with rasterio.open(f, "r+") as dst:
+            a = dst.read(window=((0, HOLE), (0, HOLE)))
+            a[:] = np.nan
+            dst.write(a, window=((0, HOLE), (0, HOLE)))
+    snakemake(wd, "all")  # maps, metrics, expected-accuracy layers and report.html
+    return wd
+
+
+def test_map_is_a_valid_cog_with_three_bands(run: Path) -> None:
+    m = run / "results/tiny/map.tif"
+    ok, errors, _ = cog_validate(str(m))
+    assert ok, errors
+    with rasterio.open(m) as src:
+        assert src.count == 3 and src.dtypes == ("uint8",) * 3
+        assert src.descriptions == ("class", "confidence", "modalities")
+        assert src.nodata == 255
+        assert src.overviews(1), "internal overviews expected"
+        assert src.colormap(1)[1][:3] == (0xE6, 0xC2, 0x29)  # wheat colour from config
+        assert src.tags(1)["class_1"] == "wheat"
+        cls, conf, _bits = src.read()
+    assert conf.max() <= 100
+    assert set(np.unique(cls)) - {255} <= set(range(7))
+    assert (run / "results/tiny/quicklook.png").stat().st_size > 1000
+    assert (run / "results/tiny/map.json").exists()
+
+
+def test_pixels_without_any_modality_are_nodata(run: Path) -> None:
+    with rasterio.open(run / "results/tiny/map.tif") as src:
+        cls, _conf, bits = src.read()
+    assert (cls[:HOLE, :HOLE] == 255).all() and (bits[:HOLE, :HOLE] == 0).all()
+    assert ((bits == 0) == (cls == 255)).all()
+    assert (cls[HOLE:, HOLE:] != 255).mean() > 0.99
+
+
+def test_s1_gap_strip_has_s1_bit_cleared(run: Path) -> None:
+    with rasterio.open(run / "data/tiny/stack/s1.tif") as src:
+        s1 = src.read()
+    gap_cols = np.isnan(s1).all(axis=(0, 1))
+    assert 0 < gap_cols.sum() < s1.shape[2] // 2, "the synthetic S1 orbit gap should be a strip"
+    with rasterio.open(run / "results/tiny/map.tif") as src:
+        bits = src.read(3)
+    s1_bit = 1 << MODALITIES.index("s1")
+    assert not (bits[:, gap_cols] & s1_bit).any()
+    assert (bits[HOLE:, ~gap_cols] & s1_bit).mean() > 0.5
+
+
+def test_metrics_have_every_subset(run: Path) -> None:
+    df = pd.read_csv(run / "results/tiny/metrics.csv")
+    assert len(df) == 15
+    assert list(df.columns) == ["subset", "n_modalities", "n", "f1_weighted", "f1_macro", "accuracy"]
+    assert df["n"].gt(0).all()
+    assert df[["f1_weighted", "f1_macro", "accuracy"]].apply(lambda c: c.between(0, 100)).all().all()
+
+
+def test_expected_accuracy_layer_looks_up_each_pixels_subset(run: Path) -> None:
+    exp = run / "results/tiny/expected_f1.tif"
+    assert cog_validate(str(exp))[0]
+    metrics = pd.read_csv(run / "results/tiny/metrics.csv")
+    lut = {sum(1 << MODALITIES.index(m) for m in s.split("+")): round(v) for s, v in zip(metrics.subset, metrics.f1_weighted, strict=True)}
+    with rasterio.open(exp) as e, rasterio.open(run / "results/tiny/map.tif") as m:
+        ev, bits = e.read(1), m.read(3)
+        mean = float(e.tags()["mean_expected"])
+    for code in np.unique(bits):
+        want = 255 if code == 0 else lut[int(code)]
+        assert (ev[bits == code] == want).all()
+    assert abs(mean - ev[ev != 255].mean()) < 0.01
+    assert f"<b>{mean:.2f}</b>" in (run / "results/report.html").read_text()
+
+
+def test_compare_protocol_has_every_method_and_subset(run: Path) -> None:
+    snakemake(run, "compare")
+    table = pd.read_csv(run / "results/compare/table.csv")
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    from cropmap.config import validate
+
+    methods = validate(cfg)["compare"]["methods"]
+    assert list(table.columns) == ["region", "method", "subset", "f1_weighted", "f1_macro", "accuracy", "n"]
+    assert len(table) == len(methods) * 15
+    assert set(table["method"]) == set(methods)
+    assert table.groupby("method")["subset"].nunique().eq(15).all()
+    summary = pd.read_csv(run / "results/compare/summary.csv")
+    assert set(summary["method"]) == set(methods)
+    assert {"moderate", "extreme", "overall", "full"} <= set(summary.columns)
+    row = table[table.method == methods[0]]
+    k = row.subset.str.count(r"\+") + 1
+    assert abs(summary.loc[summary.method == methods[0], "extreme"].item() - row.loc[k == 1, "f1_weighted"].mean()) < 0.02
+    assert (run / "results/compare/heatmap.png").stat().st_size > 1000
+
+
+def test_adding_a_region_runs_only_its_jobs(run: Path) -> None:
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg["regions"]["tiny2"] = dict(cfg["regions"]["tiny"], synthetic={"seed": 9})
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    out = snakemake(run, "maps", "--dry-run")
+    text = out.stdout + out.stderr
+    assert re.search(r"region=tiny2\b", text)
+    assert not re.search(r"region=tiny\b", text), "jobs of the existing region were scheduled again"

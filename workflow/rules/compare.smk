@@ -1,0 +1,75 @@
+rule train_compare:
+    """Train one method of the comparison protocol (same splits and seed as every other)."""
+    input:
+        stack=rules.stack.output,
+        labels=rules.labels.output.tif,
+        chips=rules.chips.output,
+    output:
+        f"{MODELS}/{{region}}/compare/{{method}}/{{task}}/model.ckpt",
+    params:
+        p=lambda wc: dumps(stage_params(config, "train", wc.region, method=wc.method)),
+        work=f"{MODELS}/{{region}}/compare/{{method}}/{{task}}/lightning",
+    log:
+        f"logs/{{region}}/compare/train_{{method}}_{{task}}.log",
+    conda:
+        "../../envs/cropmap.yaml"
+    threads: workflow.cores
+    resources:
+        mem_mb=8000,
+        runtime=240,
+        gpu=1 if config["training"]["device"] == "cuda" else 0,
+    shell:
+        "CROPMAP_THREADS={threads} python -m cropmap train --params {params.p:q} --task {wildcards.task}"
+        " --stack-dir {input.stack} --labels {input.labels} --chips {input.chips} --out {output}"
+        " --work-dir {params.work} > {log} 2>&1"
+
+
+rule evaluate_compare:
+    """Score one method on every non-empty subset of sensors (held-out test split)."""
+    input:
+        model=rules.train_compare.output,
+        stack=rules.stack.output,
+        labels=rules.labels.output.tif,
+        chips=rules.chips.output,
+    output:
+        f"{RESULTS}/compare/{{region}}/{{method}}_{{task}}.csv",
+    params:
+        p=params_json("report"),
+    log:
+        f"logs/{{region}}/compare/evaluate_{{method}}_{{task}}.log",
+    conda:
+        "../../envs/cropmap.yaml"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=60,
+    shell:
+        "python -m cropmap report --params {params.p:q} --model {input.model} --stack-dir {input.stack}"
+        " --labels {input.labels} --chips {input.chips} --out {output}"
+        " --tag region={wildcards.region} --tag method={wildcards.method} > {log} 2>&1"
+
+
+rule compare:
+    """Target: results/compare/table.csv (method x subset), summary.csv and a heatmap."""
+    input:
+        expand(
+            f"{RESULTS}/compare/{{region}}/{{method}}_{{task}}.csv",
+            region=compare_regions(config),
+            method=config["compare"]["methods"],
+            task=compare_task(config),
+        ),
+    output:
+        table=f"{RESULTS}/compare/table.csv",
+        summary=f"{RESULTS}/compare/summary.csv",
+        heatmap=f"{RESULTS}/compare/heatmap.png",
+    log:
+        "logs/compare.log",
+    conda:
+        "../../envs/cropmap.yaml"
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=10,
+    shell:
+        "python -m cropmap compare --parts {input} --table {output.table} --summary {output.summary}"
+        " --heatmap {output.heatmap} > {log} 2>&1"
