@@ -37,7 +37,7 @@ def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
 def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     wd = tmp_path_factory.mktemp("wf")
     (wd / "config.yaml").write_text(yaml.safe_dump(tiny_config(wd)))
-    snakemake(wd, "data/tiny/stack")
+    snakemake(wd, str(wd / "data/tiny/stack"))
     # a corner outside every source's footprint: all modalities NaN there
     for f in (wd / "data/tiny/stack").glob("*.tif"):
         with rasterio.open(f, "r+") as dst:
@@ -137,3 +137,17 @@ def test_adding_a_region_runs_only_its_jobs(run: Path) -> None:
     text = out.stdout + out.stderr
     assert re.search(r"region=tiny2\b", text)
     assert not re.search(r"region=tiny\b", text), "jobs of the existing region were scheduled again"
+
+
+def test_segmentation_model_draws_the_map(tmp_path: Path) -> None:
+    cfg = tiny_config(tmp_path)
+    cfg["model"]["task"] = "segmentation"
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
+    snakemake(tmp_path, "maps")
+    assert (tmp_path / "models/tiny/segmentation/model.ckpt").exists()
+    with rasterio.open(tmp_path / "results/tiny/map.tif") as src:
+        cls, _, bits = src.read()
+        assert src.tags()["cropmap_task"] == "segmentation"
+    assert ((bits == 0) == (cls == 255)).all()
+    assert (cls != 255).mean() > 0.99
+    assert len(pd.read_csv(tmp_path / "results/tiny/metrics.csv")) == 15

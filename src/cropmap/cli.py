@@ -61,6 +61,17 @@ def cmd_train(a: argparse.Namespace, p: dict[str, Any]) -> None:
     log.info("trained: %s", json.dumps(summary))
 
 
+def cmd_pretrain(a: argparse.Namespace, p: dict[str, Any]) -> None:
+    from cropmap import pretrain
+
+    pt = p["pretrain"]
+    summary = pretrain.run(Path(a.stack_dir), Path(a.chips), _grid(p), p["months"], p["modalities"], Path(a.out),
+                           preset=p["preset"], epochs=pt["epochs"], batch_size=pt["batch_size"], lr=pt["lr"],
+                           seed=p["seed"], device=p["device"], min_valid_fraction=p["min_valid_fraction"],
+                           labels_tif=Path(a.labels))
+    log.info("pretrained: %s", json.dumps(summary, default=str))
+
+
 def cmd_predict(a: argparse.Namespace, p: dict[str, Any]) -> None:
     from cropmap import predict
 
@@ -144,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("labels", cmd_labels, "raw_dir", "out_tif", "out_gpkg")
     add("chips", cmd_chips, "stack_dir", "labels", "out")
     add("train", cmd_train, "stack_dir", "labels", "chips", "out", "work_dir", task={"choices": ["classification", "segmentation"], "required": True})
+    add("pretrain", cmd_pretrain, "stack_dir", "labels", "chips", "out")
     add("predict", cmd_predict, "model", "stack_dir", "tile", "out")
     add("maps", cmd_maps, "out", "quicklook", "stac", tiles_dir={"default": None}, tiles={"nargs": "*", "default": []}, proba={"default": None})
     add("expected", cmd_expected, "map", "metrics", "out")

@@ -22,7 +22,7 @@ from cropmap.grid import Grid, season_months
 SCHEMA_PATH = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
 
 
-def _with_defaults(cls: type) -> type:
+def _with_defaults(cls: Any) -> Any:
     """A validator class that fills ``default`` values into the instance while validating."""
     validate_props = cls.VALIDATORS["properties"]
 
@@ -212,7 +212,13 @@ def stage_params(config: dict, stage: str, region: str, method: str | None = Non
             p["model"]["method"] = method
             if config["compare"]["epochs"]:
                 p["training"]["epochs"] = config["compare"]["epochs"]
+        if uses_pretraining(config, p["model"]["method"]):
+            p["model"]["options"]["pretrained"] = pretrain_path(config, region)
         return p
+    if stage == "pretrain":
+        return base | {"pretrain": config["model"]["pretrain"], "preset": config["model"]["options"].get("preset", "tiny"),
+                       "seed": config["seed"], "device": config["training"]["device"],
+                       "min_valid_fraction": config["availability"]["min_valid_fraction"]}
     if stage == "predict":
         return base | {"prediction": config["prediction"], "chip_size": config["chips"]["size"]}
     if stage == "maps":
@@ -233,3 +239,13 @@ def compare_regions(config: dict) -> list[str]:
 def compare_task(config: dict) -> str:
     """Task compared (default ``model.task``)."""
     return str(config["compare"]["task"] or config["model"]["task"])
+
+
+def uses_pretraining(config: dict, method: str) -> bool:
+    """Whether training ``method`` starts from the self-supervised ``pretrain`` rule's weights."""
+    return method == "imt" and bool(config["model"]["pretrain"]["enabled"])
+
+
+def pretrain_path(config: dict, region: str) -> str:
+    """Checkpoint written by the ``pretrain`` rule for ``region``."""
+    return f"{config['models_dir']}/{region}/pretrain/imt.ckpt"

@@ -152,7 +152,7 @@ def quicklook(map_tif: Path, out_png: Path, classes: Sequence[dict], max_px: int
     ax.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
     fig.tight_layout()
     with atomic_path(out_png) as tmp:
-        fig.savefig(tmp, format="png")
+        fig.savefig(tmp, format="png", bbox_inches="tight")
     plt.close(fig)
 
 
@@ -230,8 +230,8 @@ def expected_accuracy(map_tif: Path, metrics_csv: Path, out: Path, metric: str =
                 dst.set_band_description(1, f"expected_{metric}")
                 dst.update_tags(1, units="percent", source=str(metrics_csv.name),
                                 description="held-out score of the sensor subset each pixel was predicted with")
+        mean = total / count if count else float("nan")
+        with rasterio.open(tmp, "r+") as dst:
+            dst.update_tags(mean_expected=f"{mean:.2f}")
         _to_cog(tmp, out, resampling="average")
-    mean = total / count if count else float("nan")
-    with rasterio.open(out, "r+") as dst:
-        dst.update_tags(mean_expected=f"{mean:.2f}")
     return mean

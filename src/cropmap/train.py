@@ -235,7 +235,8 @@ def fit(settings: TrainSettings, train_ds: Dataset, val_ds: Dataset, stats: dict
     ckpt_cb = ModelCheckpoint(dirpath=work_dir, filename="best", monitor="val_loss", mode="min", save_last=True)
     trainer = L.Trainer(
         max_epochs=settings.epochs, accelerator=acc, devices=settings.devices, strategy=settings.strategy,
-        precision=prec, callbacks=[ckpt_cb, EarlyStopping("val_loss", patience=settings.patience, mode="min")],
+        precision=prec,  # type: ignore[arg-type]
+        callbacks=[ckpt_cb, EarlyStopping("val_loss", patience=settings.patience, mode="min")],
         default_root_dir=work_dir, logger=L.pytorch.loggers.CSVLogger(work_dir, name="logs", version=0),
         deterministic=acc == "cpu", enable_progress_bar=True, log_every_n_steps=10, enable_model_summary=False,
     )

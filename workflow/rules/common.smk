@@ -18,8 +18,10 @@ from cropmap.config import (
     dumps,
     has_labels,
     model_region,
+    pretrain_path,
     region_grid,
     stage_params,
+    uses_pretraining,
     validate,
 )
 from cropmap.errors import ConfigError
@@ -58,3 +60,8 @@ def model_of(wc):
 
 def labelled_regions():
     return [r for r in REGIONS if has_labels(config, r)]
+
+
+def pretrained_input(method, region):
+    """The pretrain checkpoint a training job needs (none unless imt with model.pretrain.enabled)."""
+    return [pretrain_path(config, region)] if uses_pretraining(config, method) else []

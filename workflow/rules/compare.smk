@@ -4,6 +4,7 @@ rule train_compare:
         stack=rules.stack.output,
         labels=rules.labels.output.tif,
         chips=rules.chips.output,
+        pretrained=lambda wc: pretrained_input(wc.method, wc.region),
     output:
         f"{MODELS}/{{region}}/compare/{{method}}/{{task}}/model.ckpt",
     params:

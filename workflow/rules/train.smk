@@ -1,9 +1,34 @@
+rule pretrain:
+    """Self-supervised MultiMAE pretraining of the imt encoder on the region's stacks (no labels used)."""
+    input:
+        stack=rules.stack.output,
+        labels=rules.labels.output.tif,
+        chips=rules.chips.output,
+    output:
+        f"{MODELS}/{{region}}/pretrain/imt.ckpt",
+    params:
+        p=params_json("pretrain"),
+    log:
+        f"logs/{{region}}/pretrain.log",
+    conda:
+        "../../envs/cropmap.yaml"
+    threads: workflow.cores
+    resources:
+        mem_mb=8000,
+        runtime=240,
+        gpu=1 if config["training"]["device"] == "cuda" else 0,
+    shell:
+        "CROPMAP_THREADS={threads} python -m cropmap pretrain --params {params.p:q} --stack-dir {input.stack}"
+        " --labels {input.labels} --chips {input.chips} --out {output} > {log} 2>&1"
+
+
 rule train:
     """Train a co-learning model of a region (GPU with bf16 autocast when present)."""
     input:
         stack=rules.stack.output,
         labels=rules.labels.output.tif,
         chips=rules.chips.output,
+        pretrained=lambda wc: pretrained_input(config["model"]["method"], wc.region),
     output:
         f"{MODELS}/{{region}}/{{task}}/model.ckpt",
     params:

@@ -9,7 +9,7 @@ named terms + ``"total"``; ``model.predict_proba(batch)``. Modules: ``encoders``
 ``losses`` (pure functions), ``fusion``, ``methods`` (one class per method), ``factory``.
 """
 
-from cropmap.models.factory import METHODS, build_model
+from cropmap.models.factory import METHODS, build_model, methods_for
 from cropmap.models.methods import CoLearningModel
 
-__all__ = ["METHODS", "CoLearningModel", "build_model"]
+__all__ = ["METHODS", "CoLearningModel", "build_model", "methods_for"]

@@ -6,6 +6,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from cropmap.errors import UnknownNameError
+from cropmap.models import gemmnet, imt  # noqa: F401  (they add themselves to REGISTRY)
 from cropmap.models.methods import REGISTRY, CoLearningModel, Task
 
 #: Valid method names, in the order of the seeds' tables.
@@ -19,8 +20,15 @@ METHODS: tuple[str, ...] = (
     "input_fusion",
     "feature_fusion",
     "unimodal",
+    "imt",
+    "gemmnet",
 )
 assert set(METHODS) == set(REGISTRY)
+
+
+def methods_for(task: Task) -> tuple[str, ...]:
+    """Methods that support ``task`` (``imt`` and ``gemmnet`` are segmentation-only)."""
+    return tuple(m for m in METHODS if task in getattr(REGISTRY[m], "tasks", ("classification", "segmentation")))
 
 
 def build_model(

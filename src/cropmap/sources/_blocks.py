@@ -159,13 +159,12 @@ def write_stack(
         tags: dataset tags (source, collections); never secrets.
     """
     prof = grid.profile(len(descriptions))
-    with atomic_path(Path(path)) as tmp:
-        with rasterio.open(tmp, "w", **prof) as dst:
-            for first, tile, arr in blocks:
-                arr = np.asarray(arr, dtype=np.float32)
-                idx = list(range(first + 1, first + 1 + arr.shape[0]))
-                dst.write(arr, idx, window=tile.window)
-            for i, d in enumerate(descriptions, start=1):
-                dst.set_band_description(i, d)
-            if tags:
-                dst.update_tags(**tags)
+    with atomic_path(Path(path)) as tmp, rasterio.open(tmp, "w", **prof) as dst:
+        for first, tile, arr in blocks:
+            arr = np.asarray(arr, dtype=np.float32)
+            idx = list(range(first + 1, first + 1 + arr.shape[0]))
+            dst.write(arr, idx, window=tile.window)
+        for i, d in enumerate(descriptions, start=1):
+            dst.set_band_description(i, d)
+        if tags:
+            dst.update_tags(**tags)

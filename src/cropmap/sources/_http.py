@@ -1,36 +1,20 @@
 """Retry with exponential backoff, shared by the STAC and Earth Engine sources.
 
-Transient failures (HTTP 429 and 5xx, dropped or reset connections, timeouts) are retried
-with exponential backoff and jitter; anything else fails at once. ``Retry-After`` is honoured
-when a server sends it.
+Transient failures (HTTP 408/429/5xx, dropped or reset connections, timeouts) are retried with
+exponential backoff and jitter; anything else fails at once. ``Retry-After`` is honoured when a
+server sends it.
 """
 
 from __future__ import annotations
 
-import logging
 import random
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar
 
 import requests
 from urllib3.util.retry import Retry
 
-log = logging.getLogger(__name__)
-
-T = TypeVar("T")
-
 #: HTTP statuses worth retrying: rate limiting and server-side failures.
 RETRY_STATUS: frozenset[int] = frozenset({408, 429, 500, 502, 503, 504})
-
-
-class TransientError(RuntimeError):
-    """A failure that a later attempt may not see (429, 5xx, dropped connection)."""
-
-    def __init__(self, message: str, retry_after: float | None = None) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
 
 
 @dataclass(frozen=True)
@@ -60,39 +44,6 @@ class Backoff:
         return cls(retries=int(options.get("retries", 5)), base=float(options.get("backoff", 1.0)))
 
 
-def retry_call(
-    fn: Callable[[], T],
-    *,
-    backoff: Backoff,
-    what: str,
-    transient: tuple[type[BaseException], ...] = (TransientError, ConnectionError, TimeoutError),
-) -> T:
-    """Call ``fn`` until it succeeds, retrying transient failures with backoff.
-
-    Args:
-        fn: the call.
-        backoff: retry count and delays.
-        what: short description for the log (never a secret).
-        transient: exception types that are retried; others propagate at once.
-
-    Returns:
-        What ``fn`` returns.
-
-    Raises:
-        The last transient exception once the retries are spent.
-    """
-    for attempt in range(backoff.retries + 1):
-        try:
-            return fn()
-        except transient as e:
-            if attempt >= backoff.retries:
-                raise
-            wait = backoff.delay(attempt, getattr(e, "retry_after", None))
-            log.warning("%s failed (%s); retry %d/%d in %.1f s", what, e, attempt + 1, backoff.retries, wait)
-            time.sleep(wait)
-    raise AssertionError("unreachable")  # pragma: no cover
-
-
 def retry_after_seconds(value: str | None) -> float | None:
     """Parse a ``Retry-After`` header given in seconds (HTTP dates are ignored)."""
     if not value:
@@ -103,9 +54,9 @@ def retry_after_seconds(value: str | None) -> float | None:
         return None
 
 
-def requests_session(backoff: Backoff, headers: dict[str, str] | None = None) -> requests.Session:
-    """A ``requests`` session retrying 429/5xx and connection errors on every method (POST too)."""
-    retry = Retry(
+def retry_policy(backoff: Backoff) -> Retry:
+    """urllib3 retry policy: 408/429/5xx and connection errors, every method (POST too)."""
+    return Retry(
         total=backoff.retries,
         connect=backoff.retries,
         read=backoff.retries,
@@ -118,8 +69,12 @@ def requests_session(backoff: Backoff, headers: dict[str, str] | None = None) ->
         respect_retry_after_header=True,
         raise_on_status=False,
     )
+
+
+def requests_session(backoff: Backoff, headers: dict[str, str] | None = None) -> requests.Session:
+    """A ``requests`` session with :func:`retry_policy`."""
     s = requests.Session()
-    adapter = requests.adapters.HTTPAdapter(max_retries=retry)
+    adapter = requests.adapters.HTTPAdapter(max_retries=retry_policy(backoff))
     s.mount("http://", adapter)
     s.mount("https://", adapter)
     if headers:

@@ -103,8 +103,10 @@ def decode_cropharvest_export(path: str | Path) -> dict[str, np.ndarray]:
 
     The export has, per monthly step ``t`` (names suffixed ``_t`` from the second step on),
     ``VV VH B1 .. B12 (incl. B8A) temperature_2m total_precipitation``, then ``elevation slope``.
-    S2 bands are scaled DN / 10000 (CropHarvest exports Sentinel-2 L1C DN without offset), S1 is
-    in dB, temperature in K, precipitation in m, elevation in m and slope in degrees.
+    S2 bands are scaled DN / 10000 (CropHarvest exports Sentinel-2 L1C DN without offset); S1
+    (dB), temperature (K), elevation (m) and slope (degrees) are kept as they are, and so is
+    precipitation: CropHarvest exports the ERA5 monthly mean in m per day (not the monthly sum
+    the fetch writes), so convert it if you mix both.
 
     Args:
         path: the GeoTIFF.
@@ -242,7 +244,7 @@ class RetryingHttp:
                 log.warning("earthengine %s %s: HTTP %d; retry %d/%d in %.1f s", method, short, r.status_code, attempt + 1, self.backoff.retries, wait_s)
                 time.sleep(wait_s)
                 continue
-            resp_headers = dict(r.headers)
+            resp_headers: dict[str, Any] = dict(r.headers)
             resp_headers["status"] = r.status_code
             return httplib2.Response(resp_headers), r.content
         raise AssertionError("unreachable")  # pragma: no cover

@@ -41,7 +41,7 @@ from cropmap.errors import ConfigError, SourceError
 from cropmap.grid import Grid
 from cropmap.modalities import BANDS, band_descriptions
 from cropmap.sources._blocks import PartStore, Tile, iter_tiles, stack_is_complete, write_stack
-from cropmap.sources._http import RETRY_STATUS, Backoff, requests_session
+from cropmap.sources._http import Backoff, requests_session, retry_policy
 
 log = logging.getLogger(__name__)
 
@@ -247,15 +247,8 @@ def open_client(cfg: StacConfig):
     """A pystac-client ``Client`` whose HTTP session retries 429/5xx and dropped connections."""
     from pystac_client import Client
     from pystac_client.stac_api_io import StacApiIO
-    from urllib3.util.retry import Retry
 
-    b = cfg.backoff
-    retry = Retry(
-        total=b.retries, connect=b.retries, read=b.retries, status=b.retries, other=b.retries,
-        backoff_factor=b.base, backoff_max=b.cap, status_forcelist=sorted(RETRY_STATUS),
-        allowed_methods=None, respect_retry_after_header=True,
-    )
-    io = StacApiIO(headers=cfg.headers or None, max_retries=retry, timeout=cfg.timeout)
+    io = StacApiIO(headers=cfg.headers or None, max_retries=retry_policy(cfg.backoff), timeout=cfg.timeout)
     try:
         return Client.open(cfg.url, stac_io=io)
     except Exception as e:
@@ -501,7 +494,8 @@ class _Reader:
 # Composites (computed lazily with dask, materialised per block)
 # --------------------------------------------------------------------------------------------
 def _s2_offset(item, harmonize: bool) -> float:
-    if not harmonize:
+    """DN offset of an L2A item: -1000 for processing baseline >= 04.00 unless already removed."""
+    if not harmonize or item.properties.get("earthsearch:boa_offset_applied") is True:
         return 0.0
     pb = item.properties.get("s2:processing_baseline")
     try:
@@ -517,7 +511,7 @@ def _median(arrays: list, n_bands: int, shape: tuple[int, int]) -> np.ndarray:
     if not arrays:
         return np.full((n_bands, *shape), np.nan, np.float32)
     stack = np.concatenate(arrays, axis=0)
-    with np.errstate(all="ignore"), contextlib.suppress(RuntimeWarning), _quiet():
+    with np.errstate(all="ignore"), _quiet():  # all-NaN pixels are expected
         return np.nanmedian(stack, axis=0).astype(np.float32)
 
 

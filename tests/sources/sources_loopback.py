@@ -43,7 +43,7 @@ class Request:
     method: str
     path: str
     query: dict
-    headers: dict
+    headers: dict  # lower-case names
     body: bytes
     answered: int | None = None  # status, None when dropped
 
@@ -69,7 +69,7 @@ class Loopback:
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), _H)
         self.httpd.daemon_threads = True
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         self.thread.start()
 
     @property
@@ -120,7 +120,7 @@ class Handler(BaseHTTPRequestHandler):
         parts = urlsplit(self.path)
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else b""
-        req = Request(self.command, parts.path, parse_qs(parts.query), dict(self.headers), body)
+        req = Request(self.command, parts.path, parse_qs(parts.query), {k.lower(): v for k, v in self.headers.items()}, body)
         srv.log.append(req)
         f = srv.faults
         if f.drop_every and n % f.drop_every == 0:

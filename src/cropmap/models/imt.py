@@ -1,0 +1,803 @@
+"""``imt``: incomplete multimodal transformer (Chen, Zhao & Bruzzone, seed 003), chips only.
+
+Architecture (paper, section III):
+
+* one patch projection per modality (``Conv2d`` with kernel = stride = ``patch``; temporal
+  modalities enter with their months stacked as channels, time-major), 2-D sin-cos positions
+  added to every token (no modality embedding, as in MultiMAE);
+* learnable spatial fusion tokens, one per patch position: a ``[D, G, G]`` parameter
+  (``G = fusion_grid``, sized for 64 px chips) bilinearly resized to the chip's token grid,
+  plus the same 2-D positions;
+* Bi-LSTM attention (eqs. 2-3): per patch position the sequence ``[f, h_m1, h_m2, ...]`` of the
+  fusion token and the *fused* modality tokens (missing or dropped ones are left out of the
+  sequence, not zero-filled) runs through a one-layer Bi-LSTM (``D/2`` per direction);
+  ``beta_i = softmax_i(u^T tanh(W [h_f; h_i] + b))`` and the new fusion token is
+  ``a = sum_i beta_i h_i`` (the learned token is kept where no modality is fused);
+* masked self-attention (eq. 4) in every block: modality tokens attend only to available
+  tokens of their own modality, fusion tokens to all fusion tokens and all fused modality tokens;
+  missing tokens are never keys (each token may always attend to itself, so no row is empty);
+* decoders: per-pixel logits from the fusion-token grid (``per_modality`` from each modality's
+  own token grid, one decoder each), a light progressive-upsampling conv decoder (``log2(patch)``
+  x [upsample x2, conv3x3, GroupNorm, GELU]).
+
+Deviations from the paper, and why:
+
+* The paper's downstream head is Mask2Former; a small conv upsampling decoder replaces it
+  (crop chips are 16-64 px; Mask2Former's 1/32 pyramid does not exist there).
+* Per-modality heads and their loss ``uni`` are an addition the interface needs
+  (``per_modality``); thanks to the masked attention each modality stream is uni-modal, so
+  ``uni`` also trains modalities that the random combination dropped from the fusion.
+* No dropout (the paper gives none; MAE/MultiMAE use none) and only GroupNorm/LayerNorm: outputs
+  of a chip never depend on the other chips of the batch.
+
+Masks and sizes:
+
+* ``mask`` ``[B, M]`` or per pixel ``[B, M, H, W]``. A modality token (one ``patch x patch``
+  patch) counts as present when the modality is present at **any** pixel of the patch; the
+  missing pixels inside it are zero-filled before the projection, so their values never matter.
+  The fused logits are 0 at pixels where no modality is present; ``per_modality[m]`` is 0 where
+  ``m`` is missing.
+* ``patch``: 8 in the ``tiny`` preset, 16 in ``base`` (the paper's ViT-B/16); chips whose side is
+  not a multiple of ``patch`` are zero-padded (padding counts as missing) and the output cropped,
+  so any chip size works (a 16 px chip gives 2 x 2 tokens with patch 8, 1 token with patch 16).
+* Training draws a random modality combination per chip (each available modality kept with
+  probability ``keep_prob``, never all dropped: :func:`~cropmap.models.fusion.moddrop_keep`);
+  dropped modalities' tokens are left out of the fusion exactly like missing ones.
+
+Self-supervised pretraining (:class:`IMTPretrainer`, driven by :mod:`cropmap.pretrain`):
+MultiMAE masking with a Dirichlet(alpha) split of a fixed visible-token budget across modalities
+(:func:`multimae_mask`), one shallow transformer decoder per modality reconstructing the masked
+patches from the fusion tokens (MSE for s2/s1/weather, L1 for dem, masked tokens and present
+pixels only), and InfoNCE between each modality's global vector and the fusion vector (eq. 6),
+the global vectors coming from one masked cross-attention layer with learnable class tokens.
+``build_model("imt", ..., pretrained=path)`` loads the encoder weights when the file exists.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, ClassVar, cast
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from cropmap.errors import ConfigError, UnknownNameError
+from cropmap.modalities import TEMPORAL
+from cropmap.models import losses as L
+from cropmap.models.fusion import moddrop_keep
+from cropmap.models.methods import REGISTRY, Batch, CoLearningModel, Output
+
+log = logging.getLogger(__name__)
+
+#: Size presets. ``fusion_grid`` learnable fusion tokens per side cover a 64 px chip.
+PRESETS: dict[str, dict[str, int]] = {
+    "tiny": {"dim": 32, "depth": 2, "heads": 2, "patch": 8, "dec_dim": 32, "dec_depth": 2},
+    "base": {"dim": 768, "depth": 12, "heads": 12, "patch": 16, "dec_dim": 256, "dec_depth": 2},
+}
+#: Format tag of the pretrained-encoder checkpoints written by :mod:`cropmap.pretrain`.
+CKPT_FORMAT = "cropmap.imt-encoder/1"
+#: Reconstruction loss per modality (paper eq. 5: L1 for heights, MSE for images).
+RECON_LOSS: dict[str, str] = {"s2": "mse", "s1": "mse", "weather": "mse", "dem": "l1"}
+
+
+# ====================================================================== helpers
+def segmentation_only(method: str, task: object) -> None:
+    """Refuse ``task="classification"`` for a chip-only method, naming the alternatives."""
+    if task != "classification":
+        return
+    others = [
+        name
+        for name, cls in REGISTRY.items()
+        if "classification" in getattr(cls, "tasks", ("classification",))
+    ]
+    raise ConfigError(
+        f"method {method!r} is a segmentation method (it needs chips with spatial context): set "
+        f"model.task: segmentation, or for task='classification' use one of {', '.join(others)}"
+    )
+
+
+def flat_channels(
+    in_channels: Mapping[str, int], n_steps: int, modalities: Sequence[str]
+) -> dict[str, int]:
+    """Input channels of each modality's chip: ``T * C`` (time-major) or ``C`` for static ones."""
+    return {m: int(in_channels[m]) * (int(n_steps) if TEMPORAL[m] else 1) for m in modalities}
+
+
+def pad_to(x: Tensor, mult: int) -> Tensor:
+    """Zero-pad the last two dims (bottom/right) up to a multiple of ``mult``."""
+    h, w = x.shape[-2:]
+    ph, pw = (-h) % mult, (-w) % mult
+    if ph == 0 and pw == 0:
+        return x
+    if x.dtype == torch.bool:
+        return F.pad(x.to(torch.uint8), (0, pw, 0, ph)).bool()
+    return F.pad(x, (0, pw, 0, ph))
+
+
+def complete_inputs(
+    xs: Mapping[str, Tensor], avail: Tensor, modalities: Sequence[str], dims: Mapping[str, int]
+) -> dict[str, Tensor]:
+    """Every modality as a zero-filled ``[B, C, H, W]`` tensor (zeros for keys absent from the batch)."""
+    b, _, h, w = avail.shape
+    ref = next(iter(xs.values()))
+    return {m: xs[m] if m in xs else ref.new_zeros(b, dims[m], h, w) for m in modalities}
+
+
+def prepare_chips(
+    batch: Batch, modalities: Sequence[str], dims: Mapping[str, int]
+) -> tuple[dict[str, Tensor], Tensor]:
+    """Chip batch -> (zero-filled inputs of every modality, per-pixel availability ``[B, M, H, W]``).
+
+    Same rules as :meth:`CoLearningModel._prepare` (NaN/inf -> 0, zero-fill where ``mask`` is
+    False, a modality absent from the batch is missing), for code that is not a model.
+    """
+    present = [m for m in modalities if batch.get(m) is not None]
+    if not present:
+        raise ValueError(f"batch holds none of the modalities {list(modalities)}")
+    ref = torch.as_tensor(batch[present[0]])
+    b, (h, w) = ref.shape[0], ref.shape[-2:]
+    mask = batch.get("mask")
+    if mask is None:
+        avail = torch.ones(b, len(modalities), h, w, dtype=torch.bool, device=ref.device)
+    else:
+        avail = torch.as_tensor(mask).to(device=ref.device, dtype=torch.bool)
+        if avail.dim() == 2:
+            avail = avail[:, :, None, None].expand(b, len(modalities), h, w)
+        avail = avail.clone()
+    xs = {}
+    for i, m in enumerate(modalities):
+        if m not in present:
+            avail[:, i] = False
+            continue
+        x = torch.nan_to_num(torch.as_tensor(batch[m]).float(), nan=0.0, posinf=0.0, neginf=0.0)
+        xs[m] = torch.where(avail[:, i : i + 1], x, torch.zeros((), device=x.device))
+    return complete_inputs(xs, avail, modalities, dims), avail
+
+
+def sincos_2d(gh: int, gw: int, dim: int, device: torch.device | None = None) -> Tensor:
+    """MAE 2-D sin-cos positions ``[gh * gw, dim]`` (half the channels for y, half for x)."""
+    if dim % 4:
+        raise ValueError(f"embedding dim {dim} must be a multiple of 4 for 2-D sin-cos positions")
+    d = dim // 4
+    omega = 1.0 / 10000 ** (torch.arange(d, dtype=torch.float32, device=device) / d)
+    y, x = torch.meshgrid(
+        torch.arange(gh, dtype=torch.float32, device=device),
+        torch.arange(gw, dtype=torch.float32, device=device),
+        indexing="ij",
+    )
+    oy = y.reshape(-1, 1) * omega
+    ox = x.reshape(-1, 1) * omega
+    return torch.cat([oy.sin(), oy.cos(), ox.sin(), ox.cos()], 1)
+
+
+def token_mask(avail_px: Tensor, patch: int) -> Tensor:
+    """Per-pixel availability ``[B, M, H, W]`` (H, W multiples of ``patch``) -> tokens ``[B, M, N]``.
+
+    A token is present when its modality is present at any pixel of the patch.
+    """
+    return F.max_pool2d(avail_px.float(), patch).flatten(2) > 0
+
+
+def tokens_to_pixels(tok: Tensor, gh: int, gw: int, patch: int) -> Tensor:
+    """Token flags ``[B, N]`` -> pixel flags ``[B, 1, gh * patch, gw * patch]``."""
+    g = tok.view(tok.shape[0], 1, gh, gw)
+    return g.repeat_interleave(patch, 2).repeat_interleave(patch, 3)
+
+
+def attention_mask(tok_avail: Tensor, tok_fuse: Tensor) -> Tensor:
+    """Masked self-attention of eq. 4 over ``[fusion (N), m_1 (N), ..., m_M (N)]`` tokens.
+
+    Args:
+        tok_avail: bool ``[B, M, N]``, tokens a modality stream may attend to (its own).
+        tok_fuse: bool ``[B, M, N]``, modality tokens the fusion tokens may attend to.
+
+    Returns:
+        bool ``[B, L, L]`` with ``L = (M + 1) N``; ``True`` = query row may attend to key column.
+        Modality queries see available keys of their own modality, fusion queries see every
+        fusion token and the fused modality tokens; every token sees itself.
+    """
+    b, n_mod, n = tok_avail.shape
+    dev = tok_avail.device
+    group = torch.arange(n_mod + 1, device=dev).repeat_interleave(n)
+    ones = torch.ones(b, n, dtype=torch.bool, device=dev)
+    key_own = torch.cat([ones, tok_avail.flatten(1)], 1)
+    key_fuse = torch.cat([ones, tok_fuse.flatten(1)], 1)
+    same = group[:, None] == group[None, :]
+    is_fusion = (group == 0)[None, :, None]
+    allowed = torch.where(is_fusion, key_fuse[:, None, :], same[None] & key_own[:, None, :])
+    return allowed | torch.eye(len(group), dtype=torch.bool, device=dev)[None]
+
+
+def multimae_allocate(lam: Tensor, cap: Tensor, budget: Tensor) -> Tensor:
+    """Split a token budget across modalities in proportion to ``lam``, within capacities.
+
+    Args:
+        lam: ``[B, M]`` non-negative proportions (Dirichlet draws).
+        cap: int ``[B, M]`` available tokens per modality.
+        budget: int ``[B]``, at most ``cap.sum(1)``.
+
+    Returns:
+        int ``[B, M]`` counts with ``0 <= counts <= cap`` and ``counts.sum(1) == budget`` exactly
+        (floor of the proportional shares, capped, then the remainder one token at a time to the
+        modality with room and the largest unmet share).
+    """
+    cap = cap.long()
+    budget = torch.minimum(budget.long(), cap.sum(1))
+    lam = lam * (cap > 0)
+    counts = torch.zeros_like(cap)
+    active = cap > 0
+    for _ in range(cap.shape[1]):
+        w = lam * active
+        w = w / w.sum(1, keepdim=True).clamp_min(1e-12)
+        left = budget - counts.sum(1)
+        add = torch.minimum((w * left[:, None]).floor().long(), cap - counts)
+        counts = counts + add
+        active = active & (counts < cap)
+    while True:
+        left = budget - counts.sum(1)
+        todo = left > 0
+        if not bool(todo.any()):
+            return counts
+        room = counts < cap
+        unmet = lam * budget[:, None] - counts
+        j = torch.where(room, unmet, torch.full_like(unmet, -math.inf)).argmax(1)
+        counts = counts + F.one_hot(j, cap.shape[1]) * todo[:, None].long()
+
+
+def multimae_mask(
+    tok_avail: Tensor,
+    n_visible: int,
+    alpha: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """MultiMAE masking: which tokens stay visible.
+
+    Per sample, ``lambda ~ Dir(alpha)`` over the modalities that have tokens; the visible budget
+    ``min(n_visible, available tokens)`` is split by :func:`multimae_allocate` and each
+    modality's visible tokens are drawn uniformly among its available ones.
+
+    Args:
+        tok_avail: bool ``[B, M, N]`` available tokens.
+        n_visible: visible tokens per sample (the budget, kept exactly).
+        alpha: Dirichlet concentration (1 in the paper and MultiMAE).
+        generator: RNG (only used for ``alpha == 1``; other alphas use the global RNG).
+
+    Returns:
+        bool ``[B, M, N]``, a subset of ``tok_avail`` with ``min(n_visible, avail)`` True per sample.
+    """
+    b, n_mod, n = tok_avail.shape
+    dev = tok_avail.device
+
+    def rand(*shape: int) -> Tensor:
+        if generator is None:
+            return torch.rand(shape, device=dev)
+        return torch.rand(shape, generator=generator, device=generator.device).to(dev)
+
+    if alpha == 1.0:  # Dir(1) = normalised Exp(1)
+        lam = -torch.log(rand(b, n_mod).clamp_min(1e-12))
+    else:
+        lam = torch.distributions.Dirichlet(torch.full((n_mod,), float(alpha))).sample((b,)).to(dev)
+    cap = tok_avail.sum(2)
+    counts = multimae_allocate(lam, cap, torch.full((b,), int(n_visible), device=dev))
+    score = rand(b, n_mod, n).masked_fill(~tok_avail, 2.0)
+    rank = score.argsort(dim=2, stable=True).argsort(dim=2, stable=True)
+    return (rank < counts[:, :, None]) & tok_avail
+
+
+def _gn(c: int) -> nn.GroupNorm:
+    return nn.GroupNorm(max(1, c // 8) if c % 8 == 0 else 1, c)
+
+
+# ====================================================================== blocks
+class Block(nn.Module):
+    """Pre-norm transformer block with an optional boolean attention mask (True = attend)."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"dim {dim} is not divisible by heads {heads}")
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim)
+        hidden = int(dim * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        """``x [B, L, D]``, ``mask`` bool ``[B, L, L]`` or None -> ``[B, L, D]``."""
+        b, n, d = x.shape
+        qkv = self.qkv(self.norm1(x)).view(b, n, 3, self.heads, d // self.heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)
+        a = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=None if mask is None else mask[:, None]
+        )
+        x = x + self.proj(a.transpose(1, 2).reshape(b, n, d))
+        return x + self.mlp(self.norm2(x))
+
+
+class CrossAttention(nn.Module):
+    """One masked cross-attention layer: queries ``[B, Q, D]`` attend to keys ``[B, K, D]``."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.norm_q = nn.LayerNorm(dim)
+        self.norm_k = nn.LayerNorm(dim)
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, q: Tensor, k: Tensor, mask: Tensor) -> Tensor:
+        """``mask`` bool ``[B, Q, K]`` (each row must allow at least one key)."""
+        b, nq, d = q.shape
+        h = self.heads
+        qq = self.q(self.norm_q(q)).view(b, nq, h, d // h).transpose(1, 2)
+        kv = self.kv(self.norm_k(k)).view(b, k.shape[1], 2, h, d // h).permute(2, 0, 3, 1, 4)
+        a = F.scaled_dot_product_attention(qq, kv[0], kv[1], attn_mask=mask[:, None])
+        return q + self.proj(a.transpose(1, 2).reshape(b, nq, d))
+
+
+class BiLSTMAttention(nn.Module):
+    """Eqs. 2-3: fold each position's fused modality tokens into its fusion token.
+
+    The sequence ``[f, h_1, ..., h_n]`` holds the fusion token and only the fused modality tokens
+    (in modality order; missing ones are left out via packing). Bi-LSTM with ``D/2`` units per
+    direction gives ``h = [h_fwd; h_bwd]`` of size D;
+    ``beta_i = softmax_i(u^T tanh(W [h_f; h_i] + b))``, ``a = sum_i beta_i h_i``.
+    """
+
+    def __init__(self, dim: int):
+        super().__init__()
+        if dim % 2:
+            raise ValueError(f"Bi-LSTM attention needs an even dim, got {dim}")
+        self.lstm = nn.LSTM(dim, dim // 2, batch_first=True, bidirectional=True)
+        self.w = nn.Linear(2 * dim, dim)
+        self.u = nn.Parameter(torch.randn(dim) * dim**-0.5)
+
+    def forward(self, fusion: Tensor, tokens: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
+        """Fold tokens into fusion tokens.
+
+        Args:
+            fusion: ``[S, D]`` fusion tokens (S = batch x positions).
+            tokens: ``[S, M, D]`` modality tokens at the same positions.
+            valid: bool ``[S, M]``, tokens to fold in.
+
+        Returns:
+            ``(new fusion [S, D], beta [S, M])``; ``beta`` sums to 1 over valid tokens and is 0
+            elsewhere; where no token is valid, the fusion token is returned unchanged (beta 0).
+        """
+        s, n_mod, d = tokens.shape
+        n = valid.sum(1)
+        order = torch.argsort((~valid).to(torch.int8), dim=1, stable=True)  # valid ones first
+        tok = tokens.gather(1, order[..., None].expand(s, n_mod, d))
+        seq = torch.cat([fusion[:, None], tok], 1).float()
+        with torch.autocast(device_type=seq.device.type, enabled=False):
+            packed = pack_padded_sequence(
+                seq, (n + 1).cpu(), batch_first=True, enforce_sorted=False
+            )
+            h, _ = self.lstm(packed)
+            h, _ = pad_packed_sequence(h, batch_first=True, total_length=n_mod + 1)
+        hf, hi = h[:, :1], h[:, 1:]
+        e = torch.tanh(self.w(torch.cat([hf.expand_as(hi), hi], -1))) @ self.u.to(hi.dtype)
+        in_seq = torch.arange(n_mod, device=n.device)[None] < n[:, None]
+        e = e.masked_fill(~in_seq, torch.finfo(e.dtype).min)
+        beta_sorted = torch.softmax(e, 1) * in_seq
+        a = (beta_sorted[..., None] * hi).sum(1)
+        beta = torch.zeros_like(beta_sorted).scatter(1, order, beta_sorted)
+        new = torch.where((n > 0)[:, None], a.to(fusion.dtype), fusion)
+        return new, beta
+
+
+class UpDecoder(nn.Module):
+    """Token grid ``[B, D, gh, gw]`` -> per-pixel logits ``[B, K, gh * patch, gw * patch]``."""
+
+    def __init__(self, dim: int, n_out: int, patch: int, width: int):
+        super().__init__()
+        layers: list[nn.Module] = [nn.Conv2d(dim, width, 1), _gn(width), nn.GELU()]
+        c = width
+        for _ in range(int(math.log2(patch))):
+            c2 = max(16, c // 2)
+            layers += [
+                nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
+                nn.Conv2d(c, c2, 3, padding=1),
+                _gn(c2),
+                nn.GELU(),
+            ]
+            c = c2
+        layers.append(nn.Conv2d(c, n_out, 1))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+class IMTEncoder(nn.Module):
+    """Patch projections, fusion tokens, Bi-LSTM attention and masked transformer blocks.
+
+    Args:
+        modalities: token groups, in mask order.
+        in_dims: chip channels per modality (``T * C`` or ``C``).
+        dim, depth, heads: transformer size.
+        patch: patch side in pixels (a power of two).
+        fusion_grid: learnable fusion tokens per side (resized to the chip's grid).
+    """
+
+    def __init__(
+        self,
+        modalities: Sequence[str],
+        in_dims: Mapping[str, int],
+        *,
+        dim: int,
+        depth: int,
+        heads: int,
+        patch: int,
+        fusion_grid: int,
+    ):
+        super().__init__()
+        if patch < 1 or patch & (patch - 1):
+            raise ValueError(f"patch must be a power of two, got {patch}")
+        self.modalities = list(modalities)
+        self.dim, self.patch = dim, patch
+        self.config: dict[str, Any] = {
+            "modalities": list(modalities),
+            "in_dims": {m: int(in_dims[m]) for m in modalities},
+            "dim": dim,
+            "depth": depth,
+            "heads": heads,
+            "patch": patch,
+            "fusion_grid": fusion_grid,
+        }
+        self.embed = nn.ModuleDict(
+            {m: nn.Conv2d(in_dims[m], dim, patch, stride=patch) for m in self.modalities}
+        )
+        self.fusion = nn.Parameter(torch.zeros(dim, fusion_grid, fusion_grid))
+        nn.init.trunc_normal_(self.fusion, std=0.02)
+        self.bilstm = BiLSTMAttention(dim)
+        self.blocks = nn.ModuleList(Block(dim, heads) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim)
+
+    def fusion_tokens(self, gh: int, gw: int) -> Tensor:
+        """Learnable fusion tokens for a ``gh x gw`` grid ``[N, D]``."""
+        f: Tensor = self.fusion
+        if tuple(f.shape[-2:]) != (gh, gw):
+            f = F.interpolate(f[None], size=(gh, gw), mode="bilinear", align_corners=False)[0]
+        return f.flatten(1).T
+
+    def forward(
+        self, xs: Mapping[str, Tensor], tok_avail: Tensor, tok_fuse: Tensor
+    ) -> dict[str, Any]:
+        """Encode a chip batch.
+
+        Args:
+            xs: every modality, zero-filled ``[B, C_m, H, W]`` with H, W multiples of ``patch``.
+            tok_avail: bool ``[B, M, N]``, tokens present (visible) in each modality stream.
+            tok_fuse: bool ``[B, M, N]``, tokens folded into the fusion (a subset of tok_avail).
+
+        Returns:
+            ``fusion [B, N, D]``, ``tokens [B, M, N, D]`` (normed outputs), ``beta [B, N, M]``
+            (Bi-LSTM attention weights), ``grid (gh, gw)``.
+        """
+        first = xs[self.modalities[0]]
+        b = first.shape[0]
+        gh, gw = first.shape[-2] // self.patch, first.shape[-1] // self.patch
+        n, d, n_mod = gh * gw, self.dim, len(self.modalities)
+        pos = sincos_2d(gh, gw, d, first.device)
+        toks = torch.stack(
+            [self.embed[m](xs[m]).flatten(2).transpose(1, 2) for m in self.modalities], 1
+        ) + pos.to(first.dtype)
+        fus = (self.fusion_tokens(gh, gw) + pos)[None].expand(b, n, d)
+        new, beta = self.bilstm(
+            fus.reshape(b * n, d),
+            toks.transpose(1, 2).reshape(b * n, n_mod, d),
+            tok_fuse.transpose(1, 2).reshape(b * n, n_mod),
+        )
+        x = torch.cat([new.view(b, n, d).to(toks.dtype), toks.flatten(1, 2)], 1)
+        mask = attention_mask(tok_avail, tok_fuse)
+        for blk in self.blocks:
+            x = blk(x, mask)
+        x = self.norm(x)
+        return {
+            "fusion": x[:, :n],
+            "tokens": x[:, n:].reshape(b, n_mod, n, d),
+            "beta": beta.view(b, n, n_mod),
+            "grid": (gh, gw),
+        }
+
+
+def imt_config(preset: str, **overrides: int | None) -> dict[str, int]:
+    """Preset sizes with explicit overrides (None = keep the preset's value)."""
+    if preset not in PRESETS:
+        raise UnknownNameError(f"unknown imt preset {preset!r}; valid: {', '.join(PRESETS)}")
+    cfg = dict(PRESETS[preset])
+    cfg.update({k: int(v) for k, v in overrides.items() if v is not None})
+    cfg.setdefault("fusion_grid", max(1, 64 // cfg["patch"]))
+    return cfg
+
+
+def build_encoder(
+    modalities: Sequence[str], in_dims: Mapping[str, int], cfg: Mapping[str, int]
+) -> IMTEncoder:
+    """An :class:`IMTEncoder` from a config of :func:`imt_config`."""
+    return IMTEncoder(
+        modalities,
+        in_dims,
+        dim=cfg["dim"],
+        depth=cfg["depth"],
+        heads=cfg["heads"],
+        patch=cfg["patch"],
+        fusion_grid=cfg["fusion_grid"],
+    )
+
+
+# ====================================================================== the method
+class IMT(CoLearningModel):
+    """Incomplete multimodal transformer for chip segmentation (see the module docstring).
+
+    Terms: ``main = CE(y, fused)`` over pixels where a fused (kept) modality is present, and
+    ``uni = sum_m CE(y, y_m) / M`` over pixels where m is present (per-modality heads).
+
+    Args:
+        preset: ``"tiny"`` (D 32, 2 blocks, 2 heads, patch 8; CPU tests) or ``"base"`` (ViT-B:
+            D 768, 12 blocks, 12 heads, patch 16; GPU).
+        patch, dim, depth, heads, fusion_grid: override the preset (None keeps it).
+        keep_prob: probability of keeping each available modality in the random combination of
+            a training chip (never all dropped); 0.5 by default.
+        pretrained: path of an encoder checkpoint from :mod:`cropmap.pretrain`; loaded when the
+            file exists (a warning otherwise).
+        **kw: the :class:`CoLearningModel` arguments; ``hidden``, ``encoders`` and ``dropout``
+            are not used (sizes come from the preset; no dropout).
+
+    Raises:
+        ConfigError: ``task="classification"`` (this is a segmentation method).
+    """
+
+    method = "imt"
+    tasks: ClassVar[tuple[str, ...]] = ("segmentation",)
+
+    def __init__(
+        self,
+        *,
+        preset: str = "tiny",
+        patch: int | None = None,
+        dim: int | None = None,
+        depth: int | None = None,
+        heads: int | None = None,
+        fusion_grid: int | None = None,
+        keep_prob: float = 0.5,
+        pretrained: str | Path | None = None,
+        **kw: Any,
+    ):
+        segmentation_only(self.method, kw.get("task"))
+        super().__init__(**kw)
+        self.preset = preset
+        self.cfg = imt_config(
+            preset, patch=patch, dim=dim, depth=depth, heads=heads, fusion_grid=fusion_grid
+        )
+        self.patch = self.cfg["patch"]
+        self.keep_prob = keep_prob
+        self.in_dims = flat_channels(self.in_channels, self.n_steps, self.modalities)
+        self.encoder = build_encoder(self.modalities, self.in_dims, self.cfg)
+        d = self.cfg["dim"]
+        width = max(32, min(256, d // 2))
+        self.fused_head = UpDecoder(d, self.n_out, self.patch, width)
+        self.heads = nn.ModuleDict(
+            {m: UpDecoder(d, self.n_out, self.patch, width) for m in self.modalities}
+        )
+        self.pretrained_from: str | None = None
+        if pretrained:
+            self.load_pretrained(pretrained)
+
+    def load_pretrained(self, path: str | Path) -> bool:
+        """Load encoder weights from a :mod:`cropmap.pretrain` checkpoint if ``path`` exists.
+
+        Tensors whose name or shape differs (e.g. a modality pretrained with other channels)
+        are left as initialised and listed in a warning.
+
+        Returns:
+            Whether weights were loaded.
+
+        Raises:
+            ConfigError: the checkpoint is not an IMT encoder or has another size.
+        """
+        p = Path(path)
+        if not p.exists():
+            log.warning("imt: pretrained encoder %s not found; training from scratch", p)
+            return False
+        ckpt = torch.load(p, map_location="cpu", weights_only=True)
+        if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
+            raise ConfigError(
+                f"{p} is not an IMT encoder checkpoint (format {CKPT_FORMAT}); rerun the pretrain stage"
+            )
+        cfg = ckpt["config"]
+        for k in ("dim", "depth", "heads", "patch"):
+            if int(cfg[k]) != self.cfg[k]:
+                raise ConfigError(
+                    f"{p}: the pretrained encoder has {k}={cfg[k]} but the model has {k}={self.cfg[k]}; "
+                    "pretrain and fine-tune with the same preset and size options"
+                )
+        own = self.encoder.state_dict()
+        state = {k: v for k, v in ckpt["encoder"].items() if k in own and own[k].shape == v.shape}
+        skipped = sorted(set(own) - set(state))
+        self.encoder.load_state_dict(state, strict=False)
+        if skipped:
+            log.warning(
+                "imt: %d encoder tensors not in %s (kept random): %s", len(skipped), p, skipped
+            )
+        self.pretrained_from = str(p)
+        return True
+
+    def forward(self, batch: Batch) -> Output:
+        """Fused and per-modality logits plus tokens, Bi-LSTM weights and the fused mask."""
+        xs, avail, rows = self._prepare(batch)
+        b, _, h, w = avail.shape
+        full = {
+            m: pad_to(x, self.patch)
+            for m, x in complete_inputs(xs, avail, self.modalities, self.in_dims).items()
+        }
+        av = pad_to(avail, self.patch)
+        tok_avail = token_mask(av, self.patch)
+        keep = moddrop_keep(rows, self.keep_prob, self.generator) if self.training else rows
+        tok_fuse = tok_avail & keep[:, :, None]
+        enc = self.encoder(full, tok_avail, tok_fuse)
+        gh, gw = enc["grid"]
+
+        def grid(t: Tensor) -> Tensor:
+            return t.transpose(1, 2).reshape(b, -1, gh, gw)
+
+        any_a = avail.any(1, keepdim=True)
+        logits = self.fused_head(grid(enc["fusion"]))[..., :h, :w] * any_a
+        per = {
+            m: self.heads[m](grid(enc["tokens"][:, i]))[..., :h, :w] * avail[:, i : i + 1]
+            for i, m in enumerate(self.modalities)
+        }
+        return {
+            "logits": logits,
+            "per_modality": per,
+            "avail": avail,
+            "keep": avail & keep[:, :, None, None],
+            "beta": enc["beta"],
+            "tokens": {"fusion": enc["fusion"]}
+            | {m: enc["tokens"][:, i] for i, m in enumerate(self.modalities)},
+            "tok_avail": tok_avail,
+            "tok_fuse": tok_fuse,
+        }
+
+    def _terms(self, out: Output, y: Tensor) -> dict[str, Tensor]:
+        avail, per = out["avail"], out["per_modality"]
+        main = self._sup(out["logits"], y, out["keep"].any(1))
+        uni = torch.stack(
+            [self._sup(per[m], y, avail[:, i]) for i, m in enumerate(self.modalities)]
+        ).sum() / len(self.modalities)
+        return {"main": main, "uni": uni}
+
+
+# ====================================================================== pretraining
+class IMTPretrainer(nn.Module):
+    """MultiMAE + contrastive pretraining of an :class:`IMTEncoder` (paper III-D/E, eq. 7).
+
+    * Masking: :func:`multimae_mask` keeps ``round(visible_fraction * (M + 1) * N)`` modality
+      tokens visible per chip (the paper: 256 visible = 1/4 of all tokens, fusion tokens
+      included); masked tokens are left out exactly like missing ones.
+    * Reconstruction: per modality, Linear(D -> dec_dim) of the fusion tokens + a learned
+      modality embedding, ``dec_depth`` transformer blocks, Linear -> ``patch^2 * C`` pixels; the
+      loss (MSE, or L1 for dem) covers masked tokens' pixels where the modality is present.
+    * Contrastive: learnable class tokens (fusion + one per modality) cross-attend once to the
+      encoder outputs with the same masking rule (a modality's class token sees its visible
+      tokens, the fusion class token sees all fusion and visible tokens); linear projections
+      give ``z_m`` and ``z_f``; ``cont = sum_m InfoNCE(z_m, z_f; temperature)`` over chips where
+      m has a visible token (eq. 6, negatives: the other chips of the batch).
+    * ``total = rec + contrastive_weight * cont`` (eq. 7 with lambda_2 = ``contrastive_weight``).
+    """
+
+    def __init__(
+        self,
+        encoder: IMTEncoder,
+        *,
+        dec_dim: int = 256,
+        dec_depth: int = 2,
+        dec_heads: int | None = None,
+        visible_fraction: float = 0.25,
+        alpha: float = 1.0,
+        temperature: float = 0.1,
+        contrastive_weight: float = 1.0,
+        generator: torch.Generator | None = None,
+    ):
+        super().__init__()
+        self.encoder = encoder
+        mods = encoder.modalities
+        d, p = encoder.dim, encoder.patch
+        dims = encoder.config["in_dims"]
+        heads = dec_heads or max(1, dec_dim // 32)
+        self.visible_fraction, self.alpha = visible_fraction, alpha
+        self.temperature, self.contrastive_weight = temperature, contrastive_weight
+        self.generator = generator
+        self.dec_in = nn.ModuleDict({m: nn.Linear(d, dec_dim) for m in mods})
+        self.dec_embed = nn.ParameterDict({m: nn.Parameter(torch.zeros(dec_dim)) for m in mods})
+        self.dec_blocks = nn.ModuleDict(
+            {m: nn.ModuleList(Block(dec_dim, heads) for _ in range(dec_depth)) for m in mods}
+        )
+        self.dec_norm = nn.ModuleDict({m: nn.LayerNorm(dec_dim) for m in mods})
+        self.dec_out = nn.ModuleDict({m: nn.Linear(dec_dim, p * p * dims[m]) for m in mods})
+        self.cls = nn.Parameter(torch.zeros(len(mods) + 1, d))
+        nn.init.trunc_normal_(self.cls, std=0.02)
+        self.cross = CrossAttention(d, encoder.config["heads"])
+        self.proj = nn.ModuleDict({k: nn.Linear(d, d) for k in ["fusion", *mods]})
+
+    def n_visible(self, n_tokens: int) -> int:
+        """Visible-token budget of a chip with ``n_tokens`` positions."""
+        return max(1, round(self.visible_fraction * (len(self.encoder.modalities) + 1) * n_tokens))
+
+    def forward(self, batch: Batch) -> dict[str, Tensor]:
+        """Loss terms: ``rec_<m>``, ``cont_<m>``, ``rec``, ``cont`` and ``total``."""
+        enc_mods = self.encoder.modalities
+        p = self.encoder.patch
+        dims = self.encoder.config["in_dims"]
+        xs, avail = prepare_chips(batch, enc_mods, dims)
+        xs = {m: pad_to(x, p) for m, x in xs.items()}
+        av = pad_to(avail, p)
+        tok_avail = token_mask(av, p)
+        b, n_mod, n = tok_avail.shape
+        vis = multimae_mask(tok_avail, self.n_visible(n), self.alpha, self.generator)
+        out = self.encoder(xs, vis, vis)
+        gh, gw = out["grid"]
+        fusion, tokens = out["fusion"], out["tokens"]
+        zero = fusion.sum() * 0.0
+        terms: dict[str, Tensor] = {}
+        for i, m in enumerate(enc_mods):
+            z = self.dec_in[m](fusion) + self.dec_embed[m]
+            for blk in cast(nn.ModuleList, self.dec_blocks[m]):
+                z = blk(z)
+            pix = self.dec_out[m](self.dec_norm[m](z))  # [B, N, C * p * p]
+            c = dims[m]
+            pred = (
+                pix.view(b, gh, gw, c, p, p).permute(0, 3, 1, 4, 2, 5).reshape(b, c, gh * p, gw * p)
+            )
+            sel = tokens_to_pixels(tok_avail[:, i] & ~vis[:, i], gh, gw, p) & av[:, i : i + 1]
+            diff = pred.float() - xs[m]
+            err = diff.abs() if RECON_LOSS.get(m, "mse") == "l1" else diff**2
+            cnt = sel.sum() * c
+            terms[f"rec_{m}"] = (err * sel).sum() / cnt if bool(cnt > 0) else zero
+        # global vectors: class tokens cross-attend to [cls, fusion, modality tokens]
+        keys = torch.cat(
+            [self.cls[None].expand(b, -1, -1).to(fusion.dtype), fusion, tokens.flatten(1, 2)], 1
+        )
+        q = self.cls[None].expand(b, -1, -1).to(fusion.dtype)
+        nq = n_mod + 1
+        own = torch.eye(nq, dtype=torch.bool, device=fusion.device)[None].expand(b, nq, nq)
+        fus_keys = torch.zeros(b, nq, n, dtype=torch.bool, device=fusion.device)
+        fus_keys[:, 0] = True
+        mod_keys = torch.zeros(b, nq, n_mod, n, dtype=torch.bool, device=fusion.device)
+        mod_keys[:, 0] = vis
+        idx = torch.arange(n_mod, device=fusion.device)
+        mod_keys[:, idx + 1, idx] = vis
+        mask = torch.cat([own, fus_keys, mod_keys.flatten(2)], 2)
+        g = self.cross(q, keys, mask)
+        z_f = self.proj["fusion"](g[:, 0]).float()
+        for i, m in enumerate(enc_mods):
+            ok = vis[:, i].any(1)
+            z_m = self.proj[m](g[:, i + 1]).float()
+            terms[f"cont_{m}"] = (
+                L.info_nce(z_m[ok], z_f[ok], self.temperature) if int(ok.sum()) > 1 else zero
+            )
+        rec = torch.stack([terms[f"rec_{m}"] for m in enc_mods]).sum()
+        cont = torch.stack([terms[f"cont_{m}"] for m in enc_mods]).sum()
+        terms.update(rec=rec, cont=cont, total=rec + self.contrastive_weight * cont)
+        return terms
+
+    def checkpoint(self, **extra: Any) -> dict[str, Any]:
+        """The encoder checkpoint that :meth:`IMT.load_pretrained` reads."""
+        return {
+            "format": CKPT_FORMAT,
+            "config": dict(self.encoder.config),
+            "encoder": {k: v.detach().cpu() for k, v in self.encoder.state_dict().items()},
+            **extra,
+        }
+
+
+REGISTRY[IMT.method] = IMT  # listed in cropmap.models.factory.METHODS
