@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -9,10 +10,14 @@ import pytest
 import rasterio
 import torch
 
+from cropmap import predict
+from cropmap.availability import presence_stack
 from cropmap.grid import Grid, tile_window, tiles
 from cropmap.modalities import MODALITIES, band_descriptions
-from cropmap.predict import Predictor, hann
-from cropmap.train import CoLearningModule, TrainSettings, save_bundle
+from cropmap.models.factory import methods_for
+from cropmap.predict import Predictor, hann, optimize_for_inference, prefetch, read_window
+from cropmap.tiles import to_time_series
+from cropmap.train import CoLearningModule, TrainSettings, load_bundle, save_bundle
 
 MONTHS = ["2023-04", "2023-05", "2023-06", "2023-07"]
 CLASSES = [{"id": i, "name": f"c{i}", "colour": "#101010"} for i in range(3)]
@@ -43,12 +48,12 @@ def stacks(tmp_path: Path, grid: Grid) -> Path:
     return d
 
 
-def bundle(tmp_path: Path, task: str) -> Path:
+def bundle(tmp_path: Path, task: str, method: str = "comiss") -> Path:
     torch.manual_seed(0)
-    s = TrainSettings(task=task, method="comiss", modalities=list(MODALITIES), months=MONTHS, classes=CLASSES, hidden=8)  # type: ignore[arg-type]
+    s = TrainSettings(task=task, method=method, modalities=list(MODALITIES), months=MONTHS, classes=CLASSES, hidden=8)  # type: ignore[arg-type]
     stats = {m: ([0.0] * len(band_descriptions(m, ["x"])), [1.0] * len(band_descriptions(m, ["x"]))) for m in MODALITIES}
     module = CoLearningModule(s.model_kwargs(), stats, 1e-3, None)
-    out = tmp_path / f"{task}.ckpt"
+    out = tmp_path / f"{task}_{method}.ckpt"
     save_bundle(module, s, out, {})
     return out
 
@@ -66,9 +71,12 @@ def predict_map(p: Predictor, stacks: Path, grid: Grid, size: int, chip: int = 1
     return cls, bits, proba
 
 
-@pytest.mark.parametrize("task", ["classification", "segmentation"])
-def test_tiles_equal_whole_region(tmp_path: Path, stacks: Path, grid: Grid, task: str) -> None:
-    p = Predictor(bundle(tmp_path, task), "cpu", batch_size=1024)
+@pytest.mark.parametrize(("task", "unit", "threads"), [("classification", 256, 1), ("segmentation", 256, 1),
+                                                        ("classification", 16, 2), ("segmentation", 16, 2)])
+def test_tiles_equal_whole_region(tmp_path: Path, stacks: Path, grid: Grid, task: str, unit: int, threads: int,
+                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(predict, "UNIT", unit)  # 16: read units of one 32 px block, windows across them
+    p = Predictor(bundle(tmp_path, task), "cpu", batch_size=1024, threads=threads)
     whole = predict_map(p, stacks, grid, size=max(grid.shape))
     tiled = predict_map(p, stacks, grid, size=20)
     np.testing.assert_allclose(tiled[2], whole[2], atol=1e-5)
@@ -84,6 +92,9 @@ def test_bitmask_matches_valid_inputs_and_no_sensor_is_nodata(tmp_path: Path, st
     assert (bits[:10, :44] & s2 == 0).all() and (bits[10:36, :30] & s2).all()
     assert (bits[10:36, 30:38] & s1 == 0).all() and (bits[:36, :30] & s1).all()
     assert (bits[36:, 44:] == 0).all() and (cls[36:, 44:] == 255).all()
+    elsewhere = np.ones(grid.shape, bool)
+    elsewhere[36:, 44:] = False
+    assert (bits[elsewhere] & weather).all() and (bits[elsewhere] & dem).all()
     assert (cls[:36] != 255).all()
 
 
@@ -99,3 +110,75 @@ def test_hann_weights_sum_to_one_at_half_overlap() -> None:
     prof = np.sin(np.pi * (np.arange(16) + 0.5) / 16) ** 2
     assert np.allclose(w * prof.max(), prof)
     assert np.allclose(prof[:8] + prof[8:], 1.0)
+
+
+def test_tile_equals_one_big_batch_and_probabilities_sum_to_100(tmp_path: Path, stacks: Path, grid: Grid) -> None:
+    """A tile streamed in small batches and chunks equals the plain model on all its pixels at once."""
+    ckpt = bundle(tmp_path, "classification")
+    p = Predictor(ckpt, "cpu", batch_size=100, threads=2)
+    name = "r000024_c000024"  # rows 24-44, cols 24-48: S1 gap and the corner without any sensor
+    out = tmp_path / f"{name}.tif"
+    res = predict.run(ckpt, stacks, grid, name, out, tile_size=24, modalities=MODALITIES, probabilities=True, predictor=p)
+    w = tile_window(grid, name, 24)
+    h, wd = int(w.height), int(w.width)
+    with rasterio.open(out) as src:
+        assert src.count == 3 + 3 and src.descriptions[3:] == ("proba_0", "proba_1", "proba_2")
+        tile = src.read().astype(int)
+    valid = tile[0] != 255
+    assert (~valid).any() and valid.any()
+    assert (np.abs(tile[3:].sum(axis=0)[valid] - 100) <= 2).all() and (tile[3:, ~valid] == 0).all()
+
+    model, norm, _ = load_bundle(ckpt)
+    arrays = {m: read_window(stacks / f"{m}.tif", w) for m in MODALITIES}
+    pres = presence_stack(arrays, MODALITIES, 0.5, (h, wd)).reshape(len(MODALITIES), -1)
+    sel = np.flatnonzero(pres.any(axis=0))
+    batch = {m: torch.from_numpy(np.ascontiguousarray(to_time_series(a, m).reshape(h * wd, *to_time_series(a, m).shape[2:])[sel]))
+             for m, a in arrays.items()}
+    batch["mask"] = torch.from_numpy(pres[:, sel].T.copy())
+    with torch.no_grad():
+        big = torch.softmax(model(norm(batch))["logits"], 1).numpy().T
+    np.testing.assert_allclose(res.proba.reshape(3, -1)[:, sel], big, atol=1e-5)
+    assert (np.abs(tile[3:].reshape(3, -1)[:, sel] - np.round(big * 100)) <= 1).all()
+    assert (res.cls.ravel()[sel] == big.argmax(0)).mean() > 0.999
+
+
+@pytest.mark.parametrize(("task", "method"), [(t, m) for t in ("classification", "segmentation") for m in methods_for(t)])  # type: ignore[arg-type]
+def test_inference_rewrites_keep_the_function(tmp_path: Path, task: str, method: str) -> None:
+    """Every method: BatchNorm folded, channels-last layouts where they keep the logits."""
+    model, norm, b = load_bundle(bundle(tmp_path, task, method))
+    gen = torch.Generator().manual_seed(1)
+    for mod in model.modules():  # non-trivial BatchNorm statistics, so folding has something to fold
+        if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm):
+            mod.running_mean.copy_(torch.randn(mod.running_mean.shape, generator=gen))
+            mod.running_var.copy_(torch.rand(mod.running_var.shape, generator=gen) + 0.5)
+            mod.weight.data.copy_(torch.randn(mod.weight.shape, generator=gen))
+    n, t = 64, len(MONTHS)
+    if task == "classification":
+        batch = {m: torch.randn(n, t, c) if b["temporal"][m] else torch.randn(n, c) for m, c in b["model_kwargs"]["in_channels"].items()}
+        batch["mask"] = torch.rand(n, len(MODALITIES)) > 0.3
+    else:
+        batch = {m: torch.randn(4, c * (t if b["temporal"][m] else 1), 16, 16) for m, c in b["model_kwargs"]["in_channels"].items()}
+        batch["mask"] = torch.rand(4, len(MODALITIES), 16, 16) > 0.3
+    with torch.no_grad():
+        ref = model(norm(batch))["logits"]
+        example = {k: v[:2] for k, v in batch.items()}
+        fast = optimize_for_inference(copy.deepcopy(model), example)
+        assert not any(isinstance(x, torch.nn.modules.batchnorm._BatchNorm) for x in fast.modules())
+        np.testing.assert_allclose(fast(norm(batch))["logits"].numpy(), ref.numpy(), atol=1e-4, rtol=1e-4)
+    if task == "classification" and method != "input_fusion":  # TempCNN encoders run as channels-last 2-D convolutions
+        assert any(isinstance(x, predict.Conv1dChannelsLast) for x in fast.modules())
+
+
+def test_prefetch_keeps_order_raises_producer_errors_and_stops_early() -> None:
+    def produce(unit: int, put) -> None:  # type: ignore[no-untyped-def]
+        if unit == 3:
+            raise ValueError("bad unit")
+        for k in range(5):
+            put((unit, k))
+
+    assert list(prefetch(range(3), produce, readers=2)) == [(u, k) for u in range(3) for k in range(5)]
+    with pytest.raises(ValueError, match="bad unit"):
+        list(prefetch(range(6), produce, readers=2))
+    it = prefetch(range(1000), produce, readers=2, depth=1)
+    assert next(it) == (0, 0)
+    it.close()  # producers blocked on full queues stop; nothing hangs

@@ -213,3 +213,15 @@ def test_compare_table_rows(tmp_path: Path) -> None:
     assert table.groupby("method").size().to_dict() == {"input_fusion": 15, "moddrop": 15}
     assert table["n"].nunique() == 1 and table["f1_weighted"].between(0, 100).all()
     assert set(summarise(table)["method"]) == {"input_fusion", "moddrop"}
+
+
+def test_compare_table_refuses_chip_only_methods(tmp_path: Path) -> None:
+    factory = pytest.importorskip("cropmap.models.factory")
+    if not hasattr(factory, "methods_for") or "imt" not in factory.METHODS:
+        pytest.skip("no segmentation-only method registered")
+    p = tmp_path / "wc.parquet"
+    wide_table().to_parquet(p)
+    s, classes = load_worldcereal(p, min_samples=5)
+    with pytest.raises(ValueError, match="imt"):
+        compare_table(s, classes, ["input_fusion", "imt"], tmp_path / "cmp", epochs=1)
+    assert not (tmp_path / "cmp").exists()  # refused before training anything

@@ -139,11 +139,19 @@ def test_adding_a_region_runs_only_its_jobs(run: Path) -> None:
     assert not re.search(r"region=tiny\b", text), "jobs of the existing region were scheduled again"
 
 
-def test_segmentation_model_draws_the_map(tmp_path: Path) -> None:
-    cfg = tiny_config(tmp_path)
-    cfg["model"]["task"] = "segmentation"
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
-    snakemake(tmp_path, "maps")
+@pytest.fixture(scope="module")
+def seg_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    wd = tmp_path_factory.mktemp("seg")
+    cfg = tiny_config(wd)
+    cfg["model"].update(task="segmentation", pretrain={"enabled": True, "epochs": 1, "batch_size": 8})
+    cfg["compare"]["methods"] = ["comiss", "imt", "gemmnet"]
+    (wd / "config.yaml").write_text(yaml.safe_dump(cfg))
+    snakemake(wd, "maps")
+    return wd
+
+
+def test_segmentation_model_draws_the_map(seg_run: Path) -> None:
+    tmp_path = seg_run
     assert (tmp_path / "models/tiny/segmentation/model.ckpt").exists()
     with rasterio.open(tmp_path / "results/tiny/map.tif") as src:
         cls, _, bits = src.read()
@@ -151,3 +159,11 @@ def test_segmentation_model_draws_the_map(tmp_path: Path) -> None:
     assert ((bits == 0) == (cls == 255)).all()
     assert (cls != 255).mean() > 0.99
     assert len(pd.read_csv(tmp_path / "results/tiny/metrics.csv")) == 15
+
+
+def test_segmentation_methods_of_seeds_003_004_in_the_protocol(seg_run: Path) -> None:
+    snakemake(seg_run, "compare")
+    assert (seg_run / "models/tiny/pretrain/imt.ckpt").exists(), "imt fine-tunes from the pretrain rule"
+    table = pd.read_csv(seg_run / "results/compare/table.csv")
+    assert set(table["method"]) == {"comiss", "imt", "gemmnet"}
+    assert len(table) == 3 * 15 and table["n"].gt(0).all()

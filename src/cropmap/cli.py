@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,13 @@ def _grid(p: dict) -> Grid:
     return Grid(**p["grid"])
 
 
+def _checked_stacks(a: argparse.Namespace, p: dict[str, Any], window: Any = None) -> None:
+    """Stop with one line naming the file and the fix if a stack is corrupt or off the grid."""
+    from cropmap.io import check_stacks
+
+    check_stacks(Path(a.stack_dir), _grid(p), p["modalities"], window=window)
+
+
 def cmd_fetch(a: argparse.Namespace, p: dict[str, Any]) -> None:
     from cropmap import availability, fetch
 
@@ -35,8 +43,10 @@ def cmd_stack(a: argparse.Namespace, p: dict[str, Any]) -> None:
     from cropmap import stack
 
     out = Path(a.out_dir)
+    threads = int(a.threads or os.environ.get("CROPMAP_THREADS", 1))
     with _atomic_dir(out) as tmp:
-        stack.run(Path(a.raw_dir), tmp, _grid(p), p["months"], p["modalities"])
+        stack.run(Path(a.raw_dir), tmp, _grid(p), p["months"], p["modalities"], chunk=int(a.chunk),
+                  scheduler=a.dask_scheduler or None, threads=threads)
 
 
 def cmd_labels(a: argparse.Namespace, p: dict[str, Any]) -> None:
@@ -50,12 +60,14 @@ def cmd_labels(a: argparse.Namespace, p: dict[str, Any]) -> None:
 def cmd_chips(a: argparse.Namespace, p: dict[str, Any]) -> None:
     from cropmap import tiles
 
+    _checked_stacks(a, p)
     tiles.run(Path(a.stack_dir), Path(a.labels), Path(a.out), _grid(p), p["months"], p["modalities"], p["size"], p["min_valid_fraction"])
 
 
 def cmd_train(a: argparse.Namespace, p: dict[str, Any]) -> None:
     from cropmap import train
 
+    _checked_stacks(a, p)
     settings = train.TrainSettings.from_config(p, a.task, p["months"])
     summary = train.run(settings, Path(a.stack_dir), Path(a.labels), Path(a.chips), _grid(p), Path(a.out), Path(a.work_dir))
     log.info("trained: %s", json.dumps(summary))
@@ -74,8 +86,10 @@ def cmd_pretrain(a: argparse.Namespace, p: dict[str, Any]) -> None:
 
 def cmd_predict(a: argparse.Namespace, p: dict[str, Any]) -> None:
     from cropmap import predict
+    from cropmap.grid import tile_window
 
     pr = p["prediction"]
+    _checked_stacks(a, p, window=tile_window(_grid(p), a.tile, pr["tile_size"]))
     predict.run(Path(a.model), Path(a.stack_dir), _grid(p), a.tile, Path(a.out), tile_size=pr["tile_size"],
                 modalities=p["modalities"], chip_size=p["chip_size"], overlap=pr["overlap"], batch_size=pr["batch_size"],
                 device=pr["device"], probabilities=pr["probabilities"])
@@ -103,6 +117,7 @@ def cmd_expected(a: argparse.Namespace, p: dict[str, Any]) -> None:
 def cmd_report(a: argparse.Namespace, p: dict[str, Any]) -> None:
     from cropmap import report
 
+    _checked_stacks(a, p)
     ev = p["evaluation"]
     df = report.evaluate(Path(a.model), Path(a.stack_dir), Path(a.labels), Path(a.chips), _grid(p),
                          max_pixels_per_class=ev["max_pixels_per_class"], seed=p["seed"],
@@ -112,6 +127,16 @@ def cmd_report(a: argparse.Namespace, p: dict[str, Any]) -> None:
         df.insert(0, key, value)
     report.write_metrics(df, Path(a.out))
     log.info("metrics:\n%s", df.round(1).to_string(index=False))
+
+
+def cmd_coverage(a: argparse.Namespace, p: dict[str, Any]) -> None:
+    from cropmap import coverage
+
+    summary = coverage.summarise(Path(a.map), Path(a.stack_dir), _grid(p), p["months"], p["modalities"], p["tile_size"])
+    coverage.write(summary, Path(a.out))
+    log.info("coverage: %.1f %% nodata pixels, %d of %d tiles without any sensor, months without data: %s",
+             100 * summary["nodata_share"], len(summary["empty_tiles"]), summary["tiles"],
+             ", ".join(summary["months_without_data"]) or "none")
 
 
 def cmd_compare(a: argparse.Namespace, p: dict[str, Any]) -> None:
@@ -151,7 +176,10 @@ def build_parser() -> argparse.ArgumentParser:
         return sp
 
     add("fetch", cmd_fetch, "raw_dir", "cache_dir", "availability")
-    add("stack", cmd_stack, "raw_dir", "out_dir")
+    add("stack", cmd_stack, "raw_dir", "out_dir", threads={"default": None, "help": "local threads (default $CROPMAP_THREADS or 1)"},
+        chunk={"default": os.environ.get("CROPMAP_DASK_CHUNK") or 512, "help": "chunk side in pixels (dask.chunk_size; default $CROPMAP_DASK_CHUNK)"},
+        dask_scheduler={"default": os.environ.get("CROPMAP_DASK_SCHEDULER", ""),
+                        "help": "address of a running dask.distributed scheduler (dask.scheduler; default $CROPMAP_DASK_SCHEDULER)"})
     add("labels", cmd_labels, "raw_dir", "out_tif", "out_gpkg")
     add("chips", cmd_chips, "stack_dir", "labels", "out")
     add("train", cmd_train, "stack_dir", "labels", "chips", "out", "work_dir", task={"choices": ["classification", "segmentation"], "required": True})
@@ -159,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("predict", cmd_predict, "model", "stack_dir", "tile", "out")
     add("maps", cmd_maps, "out", "quicklook", "stac", tiles_dir={"default": None}, tiles={"nargs": "*", "default": []}, proba={"default": None})
     add("expected", cmd_expected, "map", "metrics", "out")
+    add("coverage", cmd_coverage, "map", "stack_dir", "out")
     add("report", cmd_report, "model", "stack_dir", "labels", "chips", "out",
         tag={"action": "append", "default": [], "help": "KEY=VALUE column added to every row (e.g. method=comiss)"})
     add("compare", cmd_compare, "table", "summary", parts={"nargs": "+", "required": True}, heatmap={"default": None})

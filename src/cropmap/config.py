@@ -221,6 +221,8 @@ def stage_params(config: dict, stage: str, region: str, method: str | None = Non
                        "min_valid_fraction": config["availability"]["min_valid_fraction"]}
     if stage == "predict":
         return base | {"prediction": config["prediction"], "chip_size": config["chips"]["size"]}
+    if stage == "coverage":
+        return base | {"tile_size": config["prediction"]["tile_size"]}
     if stage == "maps":
         sources = {m: region_source(r, m) for m in config["modalities"]}
         return base | {"classes": config["classes"], "bbox": r["bbox"], "sources": sources,

@@ -10,9 +10,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import rasterio
+from pyproj import CRS
 from rasterio.errors import RasterioIOError
+from rasterio.windows import Window
 
-from cropmap.errors import CorruptRasterError
+from cropmap.errors import CorruptRasterError, GridMismatchError
+from cropmap.grid import Grid
 
 
 @contextlib.contextmanager
@@ -50,16 +53,59 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
             shutil.rmtree(tmp)
 
 
-def check_readable(path: str | Path, hint: str = "delete it and rerun the stage that wrote it") -> None:
-    """Read every block of a raster once; raise a one-line error naming the file if it is corrupt.
+def check_readable(path: str | Path, hint: str = "delete it and rerun the stage that wrote it",
+                   window: Window | None = None) -> None:
+    """Read every block of a raster (or only ``window``) once; raise a one-line error naming the file if it is corrupt.
 
     Raises:
         CorruptRasterError: if the file is truncated or undecodable.
     """
     try:
         with rasterio.open(path) as src:
-            for _, window in src.block_windows(1):
-                src.read(window=window)
+            windows = [window] if window is not None else (w for _, w in src.block_windows(1))
+            for win in windows:
+                src.read(window=win)
     except (RasterioIOError, OSError, ValueError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise CorruptRasterError(f"{path} is truncated or corrupt ({first}): {hint}") from None
+
+
+def check_stacks(stack_dir: str | Path, grid: Grid, modalities: list[str] | tuple[str, ...],
+                 window: Window | None = None) -> dict[str, Path]:
+    """Check a region's stack files before a stage reads them: on ``grid`` and readable.
+
+    Args:
+        stack_dir: the region's ``stack`` folder.
+        grid: the region grid.
+        modalities: modalities to look for (absent files are absent modalities).
+        window: read only this window (a prediction tile) instead of every block.
+
+    Returns:
+        ``{modality: path}`` of the stack files present.
+
+    Raises:
+        GridMismatchError: naming the file, what differs and the fix.
+        CorruptRasterError: naming the file and the fix.
+    """
+    stack_dir = Path(stack_dir)
+    fix = f"delete the folder {stack_dir} and rerun snakemake so the stack stage rebuilds it"
+    found = {m: stack_dir / f"{m}.tif" for m in modalities if (stack_dir / f"{m}.tif").exists()}
+    for path in found.values():
+        try:
+            with rasterio.open(path) as src:
+                same = (src.crs is not None and CRS.from_user_input(src.crs) == CRS.from_user_input(grid.crs)
+                        and (src.width, src.height) == (grid.width, grid.height)
+                        and src.transform.almost_equals(grid.transform, precision=1e-6))
+                if not same:
+                    raise GridMismatchError(
+                        f"{path} is not on its region's grid (file: {src.crs} {src.width}x{src.height} px, origin "
+                        f"({src.transform.c:.1f}, {src.transform.f:.1f}), {src.transform.a:g} m; grid: {grid.crs} "
+                        f"{grid.width}x{grid.height} px, origin ({grid.xmin:.1f}, {grid.ymax:.1f}), {grid.res:g} m): {fix}"
+                    )
+        except (RasterioIOError, OSError) as exc:
+            if isinstance(exc, CorruptRasterError):
+                raise
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise CorruptRasterError(f"{path} is truncated or corrupt ({first}): {fix}") from None
+        check_readable(path, hint=fix, window=window)
+    return found

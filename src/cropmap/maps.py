@@ -3,7 +3,10 @@
 ``map.tif``: band 1 ``class`` (uint8, nodata 255, colour table, class names in metadata),
 band 2 ``confidence`` (0-100), band 3 ``modalities`` (bit m set when modality m was used,
 bit order :data:`cropmap.modalities.MODALITIES`). Internal overviews use mode resampling so
-class ids are never averaged. Tiles are copied window by window (memory bounded by one tile).
+class ids are never averaged. Tiles are copied window by window into a temporary tiled GTiff and
+GDAL's block cache is capped (:data:`GDAL_CACHE_MB`), so memory is bounded by one tile plus that
+cache, whatever the size of the region. The optional ``probabilities`` COG (one uint8 band per
+class, percent) uses average overviews.
 """
 
 from __future__ import annotations
@@ -32,6 +35,9 @@ log = logging.getLogger(__name__)
 
 BAND_NAMES = ("class", "confidence", "modalities")
 
+#: GDAL block cache (MB) while mosaicking and writing COGs (the default, 5 % of RAM, grows with the map).
+GDAL_CACHE_MB = 256
+
 
 def tile_offsets(path: Path, grid: Grid) -> Window:
     """Window of a tile file inside the grid, from its transform."""
@@ -48,7 +54,7 @@ def mosaic_to_cog(tiles: Sequence[Path], out: Path, grid: Grid, classes: Sequenc
     prof = grid.profile(3, dtype="uint8", nodata=NODATA) | {"photometric": "MINISBLACK", "interleave": "band"}
     with rasterio.open(tiles[0]) as t0:
         n_bands = t0.count
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".mosaic.") as tmpd:
+    with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB), tempfile.TemporaryDirectory(dir=out.parent, prefix=".mosaic.") as tmpd:
         mos, pmos = Path(tmpd) / "mosaic.tif", Path(tmpd) / "proba.tif"
         with_proba = proba_out is not None and n_bands > 3
         with rasterio.open(mos, "w", **prof) as dst:
@@ -82,7 +88,8 @@ def _to_cog(src: Path, out: Path, resampling: str = "mode") -> None:
     profile.update(blockxsize=blocksize, blockysize=blocksize, photometric="MINISBLACK", interleave="band")
     with atomic_path(out) as tmp:
         cog_translate(str(src), str(tmp), profile, overview_resampling=resampling, overview_level=None,
-                      in_memory=False, quiet=True, use_cog_driver=False, forward_band_tags=True)
+                      in_memory=False, quiet=True, use_cog_driver=False, forward_band_tags=True,
+                      config={"GDAL_CACHEMAX": GDAL_CACHE_MB})
         ok, errors, _ = cog_validate(str(tmp))
         if not ok:
             raise RuntimeError(f"{out}: the written file is not a valid COG: {errors}")
@@ -157,14 +164,18 @@ def quicklook(map_tif: Path, out_png: Path, classes: Sequence[dict], max_px: int
 
 
 def stac_item(map_tif: Path, out_json: Path, region: str, classes: Sequence[dict], *, bbox: Sequence[float],
-              months: Sequence[str], sources: dict[str, str], model: dict) -> dict:
-    """A STAC item describing the map (bands, classes, sources, model, date range)."""
+              months: Sequence[str], sources: dict[str, str], model: dict, proba_tif: Path | None = None) -> dict:
+    """A STAC item describing the map (bands, classes, sources, model, date range).
+
+    ``proba_tif``: the per-class probability COG, added as asset ``probabilities`` when given.
+    """
     with rasterio.open(map_tif) as src:
         epsg = src.crs.to_epsg()
         shape = [src.height, src.width]
         transform = list(src.transform)[:6]
     lon0, lat0, lon1, lat1 = bbox
-    item = {
+    names = {c["id"]: c["name"] for c in classes}
+    item: dict = {
         "type": "Feature", "stac_version": "1.0.0", "id": f"cropmap-{region}",
         "stac_extensions": [
             "https://stac-extensions.github.io/projection/v1.1.0/schema.json",
@@ -194,6 +205,13 @@ def stac_item(map_tif: Path, out_json: Path, region: str, classes: Sequence[dict
             },
         },
     }
+    if proba_tif is not None:
+        item["assets"]["probabilities"] = {
+            "href": f"./{proba_tif.name}", "type": "image/tiff; application=geotiff; profile=cloud-optimized",
+            "roles": ["data"],
+            "raster:bands": [{"name": f"proba_{names.get(k, k)}", "data_type": "uint8", "unit": "percent"}
+                             for k in range(max(c["id"] for c in classes) + 1)],
+        }
     with atomic_path(out_json) as tmp:
         tmp.write_text(json.dumps(item, indent=2))
     return item
@@ -213,7 +231,7 @@ def expected_accuracy(map_tif: Path, metrics_csv: Path, out: Path, metric: str =
     for sub, v in zip(df["subset"], df[metric], strict=True):
         if np.isfinite(v):
             code = sum(1 << MODALITIES.index(m) for m in str(sub).split("+"))  # type: ignore[arg-type]
-            lut[code] = int(round(float(v)))
+            lut[code] = round(float(v))
     total, count = 0.0, 0
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".expected.") as tmpd:
         tmp = Path(tmpd) / "expected.tif"

@@ -160,6 +160,15 @@ def html_report(regions: dict[str, dict[str, Path]], out: Path) -> None:
             av = json.loads(Path(files["availability"]).read_text())
             df = pd.DataFrame({m: v for m, v in av.items() if v}).T
             parts.append("<h3>Valid-pixel fraction per month</h3>" + df.to_html(float_format=lambda v: f"{v:.2f}"))
+        if files.get("coverage") and Path(files["coverage"]).exists():
+            cov = json.loads(Path(files["coverage"]).read_text())
+            empty = ", ".join(cov["empty_tiles"]) or "none"
+            parts.append(
+                "<h3>Coverage</h3><p>"
+                f"Nodata pixels (no sensor at all): <b>{100 * cov['nodata_share']:.2f} %</b> ({cov['nodata_pixels']} of {cov['pixels']}); "
+                f"tiles without any sensor: <b>{len(cov['empty_tiles'])}</b> of {cov['tiles']} ({html.escape(empty)}); "
+                f"months without data in any sensor: <b>{html.escape(', '.join(cov['months_without_data']) or 'none')}</b>.</p>"
+            )
         if files.get("quicklook") and Path(files["quicklook"]).exists():
             b64 = base64.b64encode(Path(files["quicklook"]).read_bytes()).decode()
             parts.append(f"<img alt='quicklook of {html.escape(name)}' src='data:image/png;base64,{b64}'/>")

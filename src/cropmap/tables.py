@@ -478,7 +478,8 @@ def compare_table(samples: PixelSamples, classes: list[dict], methods: Sequence[
     Args:
         samples: e.g. from :func:`load_worldcereal`.
         classes: the class table (``id``, ``name``, ``colour``).
-        methods: names from :data:`cropmap.models.METHODS`.
+        methods: names from :data:`cropmap.models.METHODS` that classify pixels
+            (``methods_for("classification")``: not the chip-only ``imt``/``gemmnet``).
         out_dir: where checkpoints go.
         pixels_per_class: cap training and validation samples per class (None: all).
         months: month labels (default ``t00``...), only stored in the checkpoints.
@@ -492,6 +493,15 @@ def compare_table(samples: PixelSamples, classes: list[dict], methods: Sequence[
     from cropmap.train import TrainSettings, fit_pixels
 
     out_dir = Path(out_dir)
+    try:  # segmentation-only methods (imt, gemmnet) need chips: refuse before training anything
+        from cropmap.models.factory import methods_for
+
+        pixel_methods = methods_for("classification")
+    except ImportError:  # pragma: no cover - older factory without task support lists
+        pixel_methods = tuple(methods)
+    wrong = [m for m in methods if m not in pixel_methods]
+    if wrong:
+        raise ValueError(f"methods {wrong} cannot classify pixel samples; use some of {list(pixel_methods)}")
     t_n = next(v.shape[1] for m, v in samples.x.items() if TEMPORAL[m])
     months = list(months) if months is not None else [f"t{i:02d}" for i in range(t_n)]
     if len(months) != t_n:

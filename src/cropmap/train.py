@@ -5,14 +5,26 @@ seeded, early stopping on the validation split (never the test split), a progres
 and ``last.ckpt`` after every epoch so a killed run resumes where it stopped. The final
 ``model.ckpt`` is a plain ``torch.save`` bundle: weights, the factory arguments, the
 normalisation statistics, the class table, modalities and months.
+
+Resuming is exact: the training order of epoch ``e`` is a permutation drawn from
+``(seed, e)`` (:class:`EpochShuffleSampler`), the data loaders draw from their own generators,
+and ``last.ckpt`` carries the global RNG states (restored at the start of the next epoch), so a
+run killed after any epoch and resumed writes the same weights as an uninterrupted one.
+``work_dir/resume.json`` fingerprints the settings and input files: a checkpoint left by other
+settings or other data is discarded instead of resumed. Several devices (``training.devices``,
+``training.strategy`` e.g. ``ddp``) shard each epoch's permutation by rank; only global rank 0
+writes ``model.ckpt``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import math
 import os
-from collections.abc import Sequence
+import random
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -23,7 +35,7 @@ import pandas as pd
 import torch
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from cropmap.grid import Grid
 from cropmap.io import atomic_path
@@ -66,14 +78,28 @@ class CoLearningModule(L.LightningModule):
         self.norm = Normalizer(stats)
         self.lr = lr
 
+        self._pending_rng: dict[str, Any] | None = None
+
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Any]:
         return self.model(self.norm(batch))
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["cropmap_rng"] = rng_state()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # restored when the next epoch starts: the state the uninterrupted run had there
+        self._pending_rng = checkpoint.get("cropmap_rng")
+
+    def on_train_epoch_start(self) -> None:
+        if self._pending_rng is not None:
+            set_rng_state(self._pending_rng)
+            self._pending_rng = None
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         out = self(batch)
         losses = self.model.loss(out, self.norm(batch) | {"y": batch["y"]})
         for k, v in losses.items():
-            self.log(f"train/{k}", v.detach(), prog_bar=(k == "total"), on_step=False, on_epoch=True, batch_size=len(batch["y"]))
+            self.log(f"train/{k}", v.detach(), prog_bar=(k == "total"), on_step=False, on_epoch=True, batch_size=len(batch["y"]), sync_dist=True)
         return losses["total"]
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
@@ -83,11 +109,104 @@ class CoLearningModule(L.LightningModule):
         loss = torch.nn.functional.cross_entropy(logits, y, ignore_index=-100)
         valid = y != -100
         acc = (logits.argmax(1)[valid] == y[valid]).float().mean()
-        self.log("val_loss", loss, prog_bar=True, on_epoch=True, batch_size=int(valid.sum()))
-        self.log("val_acc", acc, prog_bar=True, on_epoch=True, batch_size=int(valid.sum()))
+        self.log("val_loss", loss, prog_bar=True, on_epoch=True, batch_size=int(valid.sum()), sync_dist=True)
+        self.log("val_acc", acc, prog_bar=True, on_epoch=True, batch_size=int(valid.sum()), sync_dist=True)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.parameters(), lr=self.lr)
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, NumPy, torch (and CUDA) RNG states, for checkpoints (plain types and tensors only)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": random.getstate(), "torch": torch.get_rng_state(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "gauss": float(gauss)},
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` captured."""
+    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class EpochShuffleSampler(Sampler[int]):
+    """Shuffle with a permutation drawn from ``(seed, epoch)``; Lightning calls :meth:`set_epoch`.
+
+    Epoch ``e`` has the same order whether the run is fresh or resumed from a checkpoint. With
+    several processes (DDP) every rank takes every ``world``-th index of the (padded) permutation.
+    """
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    @staticmethod
+    def _rank_world() -> tuple[int, int]:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return torch.distributed.get_rank(), torch.distributed.get_world_size()
+        return 0, 1
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        perm = torch.randperm(self.n, generator=g).tolist()
+        rank, world = self._rank_world()
+        if world > 1:
+            perm += perm[: math.ceil(self.n / world) * world - self.n]
+            perm = perm[rank::world]
+        return iter(perm)
+
+    def __len__(self) -> int:
+        return math.ceil(self.n / self._rank_world()[1])
+
+
+def fingerprint(settings: TrainSettings, files: Sequence[Path] = ()) -> str:
+    """Digest of the settings and of the inputs' names, sizes and mtimes (what a resume must match)."""
+    h = hashlib.sha256(json.dumps(settings.__dict__, sort_keys=True, default=str).encode())
+    for f in sorted(Path(p) for p in files):
+        st = f.stat()
+        h.update(f"{f.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()
+
+
+def resume_checkpoint(work_dir: Path, digest: str) -> Path | None:
+    """``last.ckpt`` to resume from, or ``None`` (stale checkpoints of other settings are deleted).
+
+    Under DDP the launching process decides and its children inherit the decision through
+    ``CROPMAP_RESUME_FROM`` (a child must not look again: rank 0 may have written a checkpoint).
+    """
+    if "CROPMAP_RESUME_FROM" in os.environ and os.environ.get("LOCAL_RANK", "0") != "0":
+        return Path(os.environ["CROPMAP_RESUME_FROM"]) if os.environ["CROPMAP_RESUME_FROM"] else None
+    work_dir.mkdir(parents=True, exist_ok=True)
+    stamp = work_dir / "resume.json"
+    last = work_dir / "last.ckpt"
+    old = json.loads(stamp.read_text()).get("fingerprint") if stamp.exists() else None
+    resume: Path | None = None
+    if last.exists() and old == digest:
+        try:
+            torch.load(last, map_location="cpu", weights_only=False)
+            resume = last
+        except Exception as exc:  # a checkpoint cut short by a crash: start over
+            log.warning("%s is unreadable (%s); training from scratch", last, type(exc).__name__)
+    elif last.exists():
+        log.warning("%s was written with other settings or inputs; training from scratch", last)
+    if resume is None:
+        for f in work_dir.glob("*.ckpt"):
+            f.unlink()
+    stamp.write_text(json.dumps({"fingerprint": digest}))
+    os.environ["CROPMAP_RESUME_FROM"] = str(resume or "")
+    return resume
 
 
 @dataclass
@@ -189,13 +308,17 @@ def run(settings: TrainSettings, stack_dir: Path, labels_tif: Path, chips_parque
         Training summary (epochs run, best validation loss, samples, device).
     """
     torch.set_num_threads(max(1, int(os.environ.get("CROPMAP_THREADS", torch.get_num_threads()))))
+    inputs = [labels_tif, chips_parquet, *sorted(stack_dir.glob("*.tif"))]
+    pretrained = settings.method_options.get("pretrained")
+    if pretrained and Path(pretrained).exists():
+        inputs.append(Path(pretrained))
     chips = pd.read_parquet(chips_parquet)
     if settings.task == "classification":
         samples = sample_pixels(stack_dir, labels_tif, chips[chips.split != "test"], grid, settings.months,
                                 settings.modalities, settings.pixels_per_class, settings.min_valid_fraction,
                                 settings.seed, splits=("train", "val"))
         train_s, val_s = samples.subset(np.flatnonzero(samples.split == 0)), samples.subset(np.flatnonzero(samples.split == 1))
-        return fit_pixels(settings, train_s, val_s, out_ckpt, work_dir)
+        return fit_pixels(settings, train_s, val_s, out_ckpt, work_dir, inputs=inputs)
     args = (stack_dir, labels_tif)
     tr = chips[(chips.split == "train") & (chips.n_labelled > 0)]
     va = chips[(chips.split == "val") & (chips.n_labelled > 0)]
@@ -204,34 +327,43 @@ def run(settings: TrainSettings, stack_dir: Path, labels_tif: Path, chips_parque
     if len(tr) == 0 or len(va) == 0:
         raise ValueError(f"{labels_tif}: {len(tr)} training and {len(va)} validation chips with labels; enlarge the region or lower split.block_size")
     return fit(settings, train_ds, val_ds, chip_stats(train_ds, 256, settings.seed),
-               balanced_weights(chip_labels(train_ds), n_classes(settings.classes)), out_ckpt, work_dir)
+               balanced_weights(chip_labels(train_ds), n_classes(settings.classes)), out_ckpt, work_dir, inputs=inputs)
 
 
-def fit_pixels(settings: TrainSettings, train_s: PixelSamples, val_s: PixelSamples, out_ckpt: Path, work_dir: Path) -> dict[str, Any]:
+def fit_pixels(settings: TrainSettings, train_s: PixelSamples, val_s: PixelSamples, out_ckpt: Path, work_dir: Path,
+               inputs: Sequence[Path] = ()) -> dict[str, Any]:
     """Train a classification model on in-memory pixel samples (regions or sample tables).
 
-    Normalisation statistics and class weights come from ``train_s`` only.
+    Normalisation statistics and class weights come from ``train_s`` only; ``inputs`` are the
+    files the samples came from (a checkpoint is resumed only if they did not change).
     """
     if len(train_s) == 0 or len(val_s) == 0:
         raise ValueError(f"{len(train_s)} training and {len(val_s)} validation pixels: both splits need labelled samples")
     stats = fit_stats(train_s.x, "pixels")
     weights = balanced_weights(train_s.y, n_classes(settings.classes))
-    return fit(settings, PixelDataset(train_s), PixelDataset(val_s), stats, weights, out_ckpt, work_dir)
+    return fit(settings, PixelDataset(train_s), PixelDataset(val_s), stats, weights, out_ckpt, work_dir, inputs=inputs)
 
 
 def fit(settings: TrainSettings, train_ds: Dataset, val_ds: Dataset, stats: dict, weights: list[float],
-        out_ckpt: Path, work_dir: Path) -> dict[str, Any]:
-    """Run the Lightning loop and write the ``model.ckpt`` bundle (resuming from ``last.ckpt``)."""
+        out_ckpt: Path, work_dir: Path, inputs: Sequence[Path] = ()) -> dict[str, Any]:
+    """Run the Lightning loop and write the ``model.ckpt`` bundle (resuming from ``last.ckpt``).
+
+    The checkpoints in ``work_dir`` are deleted once ``model.ckpt`` is written, so only a killed
+    run is ever resumed.
+    """
     L.seed_everything(settings.seed, workers=True)
     n_train, n_val = len(train_ds), len(val_ds)  # type: ignore[arg-type]
     acc = accelerator(settings.device)
     prec = precision(settings.precision, acc)
     module = CoLearningModule(settings.model_kwargs(), stats, settings.lr, weights)
-    gen = torch.Generator().manual_seed(settings.seed)
     loader_kw: dict[str, Any] = {"num_workers": settings.num_workers, "persistent_workers": settings.num_workers > 0}
-    train_dl = DataLoader(train_ds, batch_size=settings.batch_size, shuffle=True, generator=gen, drop_last=n_train > settings.batch_size and n_train % settings.batch_size < 2, **loader_kw)
-    val_dl = DataLoader(val_ds, batch_size=settings.batch_size * 2, shuffle=False, **loader_kw)
-    work_dir.mkdir(parents=True, exist_ok=True)
+    # own generators: creating a loader's iterator must not draw from the global RNG
+    train_dl = DataLoader(train_ds, batch_size=settings.batch_size, sampler=EpochShuffleSampler(n_train, settings.seed),
+                          generator=torch.Generator().manual_seed(settings.seed),
+                          drop_last=n_train > settings.batch_size and n_train % settings.batch_size < 2, **loader_kw)
+    val_dl = DataLoader(val_ds, batch_size=settings.batch_size * 2, shuffle=False,
+                        generator=torch.Generator().manual_seed(settings.seed), **loader_kw)
+    resume = resume_checkpoint(work_dir, fingerprint(settings, inputs))
     ckpt_cb = ModelCheckpoint(dirpath=work_dir, filename="best", monitor="val_loss", mode="min", save_last=True)
     trainer = L.Trainer(
         max_epochs=settings.epochs, accelerator=acc, devices=settings.devices, strategy=settings.strategy,
@@ -239,24 +371,30 @@ def fit(settings: TrainSettings, train_ds: Dataset, val_ds: Dataset, stats: dict
         callbacks=[ckpt_cb, EarlyStopping("val_loss", patience=settings.patience, mode="min")],
         default_root_dir=work_dir, logger=L.pytorch.loggers.CSVLogger(work_dir, name="logs", version=0),
         deterministic=acc == "cpu", enable_progress_bar=True, log_every_n_steps=10, enable_model_summary=False,
+        use_distributed_sampler=False,  # EpochShuffleSampler shards by rank itself
     )
-    last = work_dir / "last.ckpt"
-    resume = last if last.exists() else None
     if resume:
         log.info("resuming from %s", resume)
     trainer.fit(module, train_dl, val_dl, ckpt_path=resume)
+    rank, world = trainer.global_rank, trainer.world_size
     if not trainer.is_global_zero:
+        log.info("rank %d of %d: training done; rank 0 writes %s", rank, world, out_ckpt)
         return {}
-    best = ckpt_cb.best_model_path or str(last)
+    best = ckpt_cb.best_model_path or str(work_dir / "last.ckpt")
     state = torch.load(best, map_location="cpu", weights_only=False)["state_dict"]
     summary = {
         "task": settings.task, "method": settings.method, "epochs": int(trainer.current_epoch),
         "best_val_loss": float(ckpt_cb.best_model_score) if ckpt_cb.best_model_score is not None else None,
         "n_train": n_train, "n_val": n_val, "accelerator": acc, "precision": prec, "resumed": resume is not None,
+        "world_size": world, "strategy": settings.strategy,
     }
     module.load_state_dict(state)
     save_bundle(module, settings, out_ckpt, summary)
-    (out_ckpt.parent / "train_summary.json").write_text(json.dumps(summary, indent=2))
+    with atomic_path(out_ckpt.parent / "train_summary.json") as tmp:
+        tmp.write_text(json.dumps(summary, indent=2))
+    log.info("rank %d of %d: wrote %s", rank, world, out_ckpt)
+    for f in work_dir.glob("*.ckpt"):  # done: nothing left to resume
+        f.unlink()
     return summary
 
 

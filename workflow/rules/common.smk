@@ -37,6 +37,18 @@ RESULTS = config["results_dir"]
 MODELS = config["models_dir"]
 REGIONS = list(config["regions"])
 TASK = config["model"]["task"]
+# How the stack stage parallelises (never what it computes) goes to the jobs through the
+# environment, not the rules' params, so pointing at another dask cluster reruns nothing.
+os.environ.update(
+    CROPMAP_DASK_SCHEDULER=config["dask"]["scheduler"] or "",
+    CROPMAP_DASK_CHUNK=str(config["dask"]["chunk_size"]),
+)
+
+
+envvars:
+    "CROPMAP_DASK_SCHEDULER",
+    "CROPMAP_DASK_CHUNK",
+
 
 wildcard_constraints:
     region="[a-z0-9_-]+",
@@ -56,6 +68,21 @@ def region_tiles(region):
 
 def model_of(wc):
     return f"{MODELS}/{model_region(config, wc.region)}/{TASK}/model.ckpt"
+
+
+def gpus(block):
+    """GPUs a job asks the executor for (resource ``gpu``): ``device: cuda`` asks for
+    ``devices`` GPUs (1 unless an integer count or an ``0,1``-style list is given); ``auto`` and
+    ``cpu`` ask for none, so a cluster job only lands on a GPU node when the config says cuda."""
+    if block["device"] != "cuda":
+        return 0
+    devices = block.get("devices", 1)
+    if isinstance(devices, int):
+        return max(devices, 1)
+    devices = str(devices).strip()
+    if devices.isdigit():
+        return max(int(devices), 1)
+    return len([d for d in devices.strip("[]").split(",") if d.strip()]) if "," in devices else 1
 
 
 def labelled_regions():

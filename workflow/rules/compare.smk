@@ -18,7 +18,7 @@ rule train_compare:
     resources:
         mem_mb=8000,
         runtime=240,
-        gpu=1 if config["training"]["device"] == "cuda" else 0,
+        gpu=gpus(config["training"]),
     shell:
         "CROPMAP_THREADS={threads} python -m cropmap train --params {params.p:q} --task {wildcards.task}"
         " --stack-dir {input.stack} --labels {input.labels} --chips {input.chips} --out {output}"

@@ -1,13 +1,19 @@
+PROBABILITIES = bool(config["prediction"]["probabilities"])
+
+
 rule mosaic:
-    """Mosaic the tiles into a Cloud-Optimized GeoTIFF, quicklook PNG and STAC item."""
+    """Mosaic the tiles into a Cloud-Optimized GeoTIFF, quicklook PNG and STAC item (and the
+    per-class probability COG when prediction.probabilities is set)."""
     input:
         tiles=lambda wc: expand(f"{RESULTS}/{wc.region}/tiles/{{tile}}.tif", tile=region_tiles(wc.region)),
     output:
         map=f"{RESULTS}/{{region}}/map.tif",
         quicklook=f"{RESULTS}/{{region}}/quicklook.png",
         stac=f"{RESULTS}/{{region}}/map.json",
+        **({"proba": f"{RESULTS}/{{region}}/probabilities.tif"} if PROBABILITIES else {}),
     params:
         p=params_json("maps"),
+        proba=lambda wc: f"--proba {RESULTS}/{wc.region}/probabilities.tif" if PROBABILITIES else "",
     log:
         f"logs/{{region}}/mosaic.log",
     conda:
@@ -18,7 +24,7 @@ rule mosaic:
         runtime=30,
     shell:
         "python -m cropmap maps --params {params.p:q} --tiles {input.tiles} --out {output.map}"
-        " --quicklook {output.quicklook} --stac {output.stac} > {log} 2>&1"
+        " --quicklook {output.quicklook} --stac {output.stac} {params.proba} > {log} 2>&1"
 
 
 rule maps:
@@ -28,6 +34,7 @@ rule maps:
         expand(f"{RESULTS}/{{region}}/quicklook.png", region=REGIONS),
         expand(f"{RESULTS}/{{region}}/metrics.csv", region=labelled_regions()),
         expand(f"{RESULTS}/{{region}}/expected_f1.tif", region=REGIONS),
+        expand(f"{RESULTS}/{{region}}/coverage.json", region=REGIONS),
 
 
 rule expected_accuracy:

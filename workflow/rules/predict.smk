@@ -15,7 +15,7 @@ rule predict:
     resources:
         mem_mb=4000,
         runtime=60,
-        gpu=1 if config["prediction"]["device"] == "cuda" else 0,
+        gpu=gpus(config["prediction"]),
     shell:
         "OMP_NUM_THREADS={threads} python -m cropmap predict --params {params.p:q} --model {input.model}"
         " --stack-dir {input.stack} --tile {wildcards.tile} --out {output} > {log} 2>&1"

@@ -22,6 +22,28 @@ rule metrics:
         " --labels {input.labels} --chips {input.chips} --out {output} > {log} 2>&1"
 
 
+rule coverage:
+    """Nodata share, tiles without any sensor and months without data (coverage.json)."""
+    input:
+        map=f"{RESULTS}/{{region}}/map.tif",
+        stack=rules.stack.output,
+    output:
+        f"{RESULTS}/{{region}}/coverage.json",
+    params:
+        p=params_json("coverage"),
+    log:
+        f"logs/{{region}}/coverage.log",
+    conda:
+        "../../envs/cropmap.yaml"
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=10,
+    shell:
+        "python -m cropmap coverage --params {params.p:q} --map {input.map} --stack-dir {input.stack}"
+        " --out {output} > {log} 2>&1"
+
+
 rule report:
     """HTML report of every region: metrics per sensor subset, availability, quicklook."""
     input:
@@ -29,6 +51,7 @@ rule report:
         quicklooks=expand(f"{RESULTS}/{{region}}/quicklook.png", region=REGIONS),
         availability=expand(f"{DATA}/{{region}}/availability.json", region=REGIONS),
         expected=expand(f"{RESULTS}/{{region}}/expected_f1.tif", region=REGIONS),
+        coverage=expand(f"{RESULTS}/{{region}}/coverage.json", region=REGIONS),
     output:
         f"{RESULTS}/report.html",
     params:
@@ -40,6 +63,7 @@ rule report:
                     "availability": f"{DATA}/{r}/availability.json",
                     "summary": f"{MODELS}/{r}/{TASK}/train_summary.json",
                     "expected": f"{RESULTS}/{r}/expected_f1.tif",
+                    "coverage": f"{RESULTS}/{r}/coverage.json",
                 }
                 for r in REGIONS
             }

@@ -10,9 +10,10 @@ rule stack:
         f"logs/{{region}}/stack.log",
     conda:
         "../../envs/cropmap.yaml"
-    threads: 1
+    threads: min(4, workflow.cores)
     resources:
-        mem_mb=2000,
+        mem_mb=4000,
         runtime=60,
     shell:
-        "python -m cropmap stack --params {params.p:q} --raw-dir {input.raw} --out-dir {output} > {log} 2>&1"
+        "python -m cropmap stack --params {params.p:q} --raw-dir {input.raw} --out-dir {output} --threads {threads}"
+        " > {log} 2>&1"

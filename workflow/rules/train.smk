@@ -16,7 +16,7 @@ rule pretrain:
     resources:
         mem_mb=8000,
         runtime=240,
-        gpu=1 if config["training"]["device"] == "cuda" else 0,
+        gpu=min(1, gpus(config["training"])),  # pretraining uses one device
     shell:
         "CROPMAP_THREADS={threads} python -m cropmap pretrain --params {params.p:q} --stack-dir {input.stack}"
         " --labels {input.labels} --chips {input.chips} --out {output} > {log} 2>&1"
@@ -42,7 +42,7 @@ rule train:
     resources:
         mem_mb=8000,
         runtime=240,
-        gpu=1 if config["training"]["device"] == "cuda" else 0,
+        gpu=gpus(config["training"]),
     shell:
         "CROPMAP_THREADS={threads} python -m cropmap train --params {params.p:q} --task {wildcards.task}"
         " --stack-dir {input.stack} --labels {input.labels} --chips {input.chips} --out {output}"

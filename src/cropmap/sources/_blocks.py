@@ -13,10 +13,8 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
 import shutil
-import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +23,7 @@ import rasterio
 from rasterio.windows import Window
 
 from cropmap.grid import Grid
+from cropmap.io import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -61,20 +60,6 @@ def iter_tiles(grid: Grid, size: int) -> list[Tile]:
         for r in range(0, grid.height, size)
         for c in range(0, grid.width, size)
     ]
-
-
-@contextlib.contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        yield tmp_path
-        os.replace(tmp_path, path)
-    finally:
-        tmp_path.unlink(missing_ok=True)
 
 
 def fingerprint(obj: object) -> str:

@@ -1,0 +1,460 @@
+"""A long run survives crashes and bad inputs, and never leaks credentials (issue 7).
+
+Every test here works on the tiny synthetic region of ``tests/conftest.py``. One uninterrupted
+``snakemake all`` run (:func:`baseline`, cached for the whole session and shared with
+``tests/test_slurm.py``) is the reference: its config carries an Earth Engine service-account
+key path whose file holds :data:`MARKER`, and every fault run must end with its exact map.
+
+* SIGKILL in the middle of ``train`` and of ``predict``; ``snakemake --unlock`` and rerun:
+  training resumes from ``last.ckpt``, finished tiles are not predicted again, and the map is
+  byte-identical to the uninterrupted run.
+* A truncated or corrupt stack GeoTIFF, a stack on the wrong grid, a label file with an unknown
+  class code, a bbox across the antimeridian: one line ``cropmap <stage>: error: ...`` naming
+  the file or key and the fix, and nothing half-written. A bbox across a UTM zone edge is
+  handled (one grid in the zone of the centroid, covering the whole bbox).
+* A tile where every modality is missing and a month missing from every modality: nodata (never
+  a guess) and counted in ``results/{region}/coverage.json`` and the HTML report.
+* Determinism: the same config and seed twice gives byte-identical ``map.tif``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import geopandas as gpd
+import numpy as np
+import pytest
+import rasterio
+import yaml
+from shapely.geometry import box
+
+from cropmap.cli import main as cropmap_main
+from cropmap.config import dumps, stage_params, validate
+from cropmap.grid import Grid
+from tests.conftest import ROOT, tiny_config
+
+pytestmark = pytest.mark.workflow
+
+MARKER = "CROPMAP-SECRET-7f3a9c-do-not-log"  # inside the fake service-account key
+REGION = "tiny"
+MAP = f"results/{REGION}/map.tif"
+_CACHE: dict[str, Path] = {}
+
+
+# ------------------------------------------------------------------------------------------
+# helpers shared with test_slurm.py
+# ------------------------------------------------------------------------------------------
+def secret_key(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A fake service-account JSON key (outside every work dir) holding :data:`MARKER`."""
+    if "key" not in _CACHE:
+        d = tmp_path_factory.mktemp("secrets")
+        key = d / "ee-key.json"
+        key.write_text(json.dumps({
+            "type": "service_account", "project_id": "cropmap-test", "private_key_id": MARKER,
+            "private_key": f"-----BEGIN PRIVATE KEY-----\n{MARKER}\n-----END PRIVATE KEY-----\n",
+            "client_email": "runner@cropmap-test.iam.gserviceaccount.com", "client_id": "1",
+        }))
+        key.chmod(0o600)
+        _CACHE["key"] = key
+    return _CACHE["key"]
+
+
+def fault_config(root: Path, key: Path, tile_size: int = 128) -> dict:
+    """The tiny config: 3 epochs (room to kill one), one 128 px tile, credentials path in config."""
+    cfg = tiny_config(root)
+    cfg["training"].update(epochs=3, patience=3)
+    cfg["prediction"]["tile_size"] = tile_size
+    cfg["regions"][REGION]["earthengine"] = {"service_account_key": str(key), "project": "cropmap-test"}
+    return cfg
+
+
+def write_config(wd: Path, key: Path, tile_size: int = 128) -> dict:
+    wd.mkdir(parents=True, exist_ok=True)
+    cfg = fault_config(wd, key, tile_size)
+    (wd / "config.yaml").write_text(yaml.safe_dump(cfg))
+    return validate(cfg)
+
+
+def snakemake_cmd(wd: Path, *args: str, cores: int = 2) -> list[str]:
+    return [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "--directory", str(wd),
+            "--cores", str(cores), "--rerun-incomplete", "--printshellcmds", *args]
+
+
+def snakemake_env() -> dict[str, str]:
+    return dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+
+
+def job_logs(wd: Path) -> str:
+    return "\n".join(f"--- {p}\n{p.read_text(errors='replace')[-3000:]}" for p in sorted((wd / "logs").rglob("*.log")))
+
+
+def snakemake(wd: Path, *args: str, cores: int = 2, check: bool = True, cmd: list[str] | None = None,
+              timeout: int = 900, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run snakemake in ``wd``; its output is kept as ``wd/snakemake-N.out`` (scanned for secrets)."""
+    res = subprocess.run(cmd or snakemake_cmd(wd, *args, cores=cores), capture_output=True, text=True,
+                         timeout=timeout, env=env or snakemake_env())
+    n = len(list(wd.glob("snakemake-*.out")))
+    (wd / f"snakemake-{n}.out").write_text(res.stdout + res.stderr)
+    if check and res.returncode != 0:
+        raise AssertionError(f"snakemake {' '.join(args)} failed:\n{res.stderr[-4000:]}\n{job_logs(wd)}")
+    return res
+
+
+def baseline(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The uninterrupted reference run (``snakemake all``), once per session."""
+    if "base" not in _CACHE:
+        wd = tmp_path_factory.mktemp("base")
+        write_config(wd, secret_key(tmp_path_factory))
+        snakemake(wd, "all")
+        _CACHE["base"] = wd
+    return _CACHE["base"]
+
+
+def map_pixels(path: Path) -> np.ndarray:
+    with rasterio.open(path) as src:
+        return src.read()
+
+
+def session_pids(sid: int) -> list[int]:
+    """Processes of session ``sid`` (a run started with ``start_new_session``)."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if os.getsid(int(d.name)) == sid:
+                    pids.append(int(d.name))
+            except (ProcessLookupError, PermissionError):
+                pass
+    return pids
+
+
+def run_until_then_kill(wd: Path, args: list[str], kill_when: Callable[[Path], bool], timeout: float = 600) -> str:
+    """Start snakemake, SIGKILL it and every job (its whole session) once ``kill_when(wd)``."""
+    out = wd / "killed-run.out"
+    with open(out, "w") as fh:
+        proc = subprocess.Popen(snakemake_cmd(wd, *args), stdout=fh, stderr=subprocess.STDOUT,
+                                start_new_session=True, env=snakemake_env())
+    deadline = time.monotonic() + timeout
+    try:
+        while proc.poll() is None and time.monotonic() < deadline:
+            if kill_when(wd):
+                for pid in session_pids(proc.pid):
+                    os.kill(pid, signal.SIGKILL)
+                proc.wait()
+                return out.read_text()
+            time.sleep(0.05)
+    finally:
+        if proc.poll() is None:
+            for pid in session_pids(proc.pid):
+                os.kill(pid, signal.SIGKILL)
+            proc.wait()
+    raise AssertionError(f"the run ended before the kill point:\n{out.read_text()[-3000:]}\n{job_logs(wd)}")
+
+
+def copy_from(base: Path, wd: Path, *folders: str) -> None:
+    """Copy finished outputs (mtimes kept, so snakemake sees them as up to date)."""
+    for f in folders:
+        shutil.copytree(base / f, wd / f, copy_function=shutil.copy2)
+
+
+def leftovers(folder: Path) -> list[Path]:
+    """Half-written temporary files (``atomic_path``/``atomic_dir`` use ``.name.*.part``)."""
+    return sorted(p for p in folder.rglob("*") if ".part" in p.name)
+
+
+def one_line_error(capsys: pytest.CaptureFixture, stage: str, argv: list[str]) -> str:
+    """Run ``cropmap <stage>`` in-process; it must fail with exactly one ``error:`` line on stderr."""
+    capsys.readouterr()
+    rc = cropmap_main([stage, *argv])
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip() and not ln.startswith(("\r", "stack ", "chips"))]
+    assert rc == 1, err
+    errors = [ln for ln in lines if ln.startswith(f"cropmap {stage}: error: ")]
+    assert len(errors) == 1 and "Traceback" not in err, err
+    return errors[0]
+
+
+# ------------------------------------------------------------------------------------------
+# kills
+# ------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return baseline(tmp_path_factory)
+
+
+def test_same_config_and_seed_twice_gives_a_byte_identical_map(base: Path, tmp_path: Path) -> None:
+    write_config(tmp_path, secret_key_path(base))
+    snakemake(tmp_path, str(tmp_path / MAP))
+    assert (tmp_path / MAP).read_bytes() == (base / MAP).read_bytes()
+
+
+def secret_key_path(base: Path) -> Path:
+    return Path(yaml.safe_load((base / "config.yaml").read_text())["regions"][REGION]["earthengine"]["service_account_key"])
+
+
+def test_sigkill_during_train_resumes_from_last_checkpoint(base: Path, tmp_path: Path) -> None:
+    write_config(tmp_path, secret_key_path(base))
+    copy_from(base, tmp_path, "data")  # fetch .. chips done: the run starts with train
+    work = tmp_path / "models" / REGION / "classification" / "lightning"
+    model = work.parent / "model.ckpt"
+    run_until_then_kill(tmp_path, [str(tmp_path / MAP)], lambda wd: (work / "last.ckpt").exists() and not model.exists())
+    assert not model.exists() and (work / "last.ckpt").exists()
+    import torch
+
+    killed_at = torch.load(work / "last.ckpt", map_location="cpu", weights_only=False)["epoch"]
+    assert killed_at < 2, "killed after the last epoch: nothing left to resume"
+    assert snakemake(tmp_path, "--unlock").returncode == 0
+    snakemake(tmp_path, str(tmp_path / MAP))
+    log = (tmp_path / "logs" / REGION / "train_classification.log").read_text()
+    assert f"resuming from {work / 'last.ckpt'}" in log
+    summary = json.loads((model.parent / "train_summary.json").read_text())
+    assert summary["resumed"] is True and summary["epochs"] == 3
+    assert not list(work.glob("*.ckpt")), "checkpoints are removed once model.ckpt is written"
+    assert (tmp_path / MAP).read_bytes() == (base / MAP).read_bytes()
+
+
+def finished_tiles(log: str) -> set[str]:
+    """Tiles whose predict job snakemake reported finished (``Finished jobid: N (Rule: predict)``)."""
+    tile_of = {m.group(1): m.group(2) for m in re.finditer(r"rule predict:\n(?:\s+.*\n)*?\s+jobid: (\d+)\n(?:\s+.*\n)*?\s+wildcards: region=\w+, tile=(\w+)", log)}
+    return {tile_of[j] for j in re.findall(r"Finished jobid: (\d+) \(Rule: predict\)", log)}
+
+
+def test_sigkill_during_predict_skips_finished_tiles(base: Path, tmp_path: Path) -> None:
+    write_config(tmp_path, secret_key_path(base), tile_size=104)  # 2 tiles (rows 0-103, 104-107)
+    copy_from(base, tmp_path, "data", "models")  # the run starts with predict
+    tiles = tmp_path / "results" / REGION / "tiles"
+    log = run_until_then_kill(tmp_path, [str(tmp_path / MAP), "--cores", "1"],
+                              lambda wd: bool(finished_tiles((wd / "killed-run.out").read_text())))
+    done = finished_tiles(log)
+    assert len(done) == 1 and not (tmp_path / MAP).exists(), log[-3000:]
+    mtimes = {t: (tiles / f"{t}.tif").stat().st_mtime_ns for t in done}
+    assert snakemake(tmp_path, "--unlock").returncode == 0
+    res = snakemake(tmp_path, str(tmp_path / MAP))
+    rerun = re.findall(r"wildcards: region=tiny, tile=(\w+)", res.stdout + res.stderr)
+    assert rerun == sorted({"r000000_c000000", "r000104_c000000"} - done), rerun
+    for t, mtime in mtimes.items():
+        assert (tiles / f"{t}.tif").stat().st_mtime_ns == mtime, f"{t} was predicted again"
+    # 104 px tiles instead of one 128 px tile: per-pixel classification, the same pixels
+    assert np.array_equal(map_pixels(tmp_path / MAP), map_pixels(base / MAP))
+
+
+# ------------------------------------------------------------------------------------------
+# bad inputs: one line naming the file or key and the fix, nothing half-written
+# ------------------------------------------------------------------------------------------
+def _stage_args(base: Path, stack: Path, stage: str, out: Path) -> list[str]:
+    cfg = validate(yaml.safe_load((base / "config.yaml").read_text()))
+    p = dumps(stage_params(cfg, "train" if stage == "train" else stage, REGION))
+    data = base / "data" / REGION
+    if stage == "chips":
+        return ["--params", p, "--stack-dir", str(stack), "--labels", str(data / "labels.tif"), "--out", str(out / "chips.parquet")]
+    if stage == "train":
+        return ["--params", p, "--task", "classification", "--stack-dir", str(stack), "--labels", str(data / "labels.tif"),
+                "--chips", str(data / "chips.parquet"), "--out", str(out / "model.ckpt"), "--work-dir", str(out / "work")]
+    if stage == "predict":
+        return ["--params", p, "--model", str(base / "models" / REGION / "classification" / "model.ckpt"),
+                "--stack-dir", str(stack), "--tile", "r000000_c000000", "--out", str(out / "tile.tif")]
+    raise ValueError(stage)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_corrupt_stack_geotiff_stops_each_reader_with_one_line(base: Path, tmp_path: Path, damage: str,
+                                                               capsys: pytest.CaptureFixture) -> None:
+    stack = tmp_path / "stack"
+    shutil.copytree(base / "data" / REGION / "stack", stack)
+    f = stack / "s2.tif"
+    raw = f.read_bytes()
+    if damage == "truncated":
+        f.write_bytes(raw[: len(raw) * 6 // 10])
+    else:  # a run of garbage in the compressed tiles (header intact)
+        mid = len(raw) // 2
+        f.write_bytes(raw[:mid] + bytes(range(256)) * 64 + raw[mid + 256 * 64 :])
+    for stage in ("chips", "train", "predict"):
+        out = tmp_path / f"out-{stage}"
+        line = one_line_error(capsys, stage, _stage_args(base, stack, stage, out))
+        assert f"{f} is truncated or corrupt" in line, line
+        assert f"delete the folder {stack} and rerun snakemake" in line, line
+        assert not out.exists() or not [p for p in out.rglob("*") if p.is_file()], "nothing may be written"
+
+
+def test_stack_on_the_wrong_grid_stops_each_reader_with_one_line(base: Path, tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture) -> None:
+    stack = tmp_path / "stack"
+    shutil.copytree(base / "data" / REGION / "stack", stack)
+    f = stack / "s1.tif"
+    with rasterio.open(f) as src:
+        prof, data = src.profile, src.read()
+    t = prof["transform"]
+    prof["transform"] = rasterio.Affine(t.a, t.b, t.c + 5, t.d, t.e, t.f)  # half a pixel east
+    with rasterio.open(f, "w", **prof) as dst:
+        dst.write(data)
+    for stage in ("chips", "train", "predict"):
+        out = tmp_path / f"out-{stage}"
+        line = one_line_error(capsys, stage, _stage_args(base, stack, stage, out))
+        assert f"{f} is not on its region's grid" in line and "delete the folder" in line, line
+        assert not out.exists() or not [p for p in out.rglob("*") if p.is_file()]
+
+
+def test_label_file_with_an_unknown_class_code(base: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    cfg = validate(yaml.safe_load((base / "config.yaml").read_text()))
+    grid = Grid(**stage_params(cfg, "labels", REGION)["grid"])
+    x0, _, _, y1 = grid.bounds
+    vec = tmp_path / "fields.geojson"
+    gpd.GeoDataFrame({"crop": ["wheat", "maize", "WHT-2023"]},
+                     geometry=[box(x0 + 20 + 150 * i, y1 - 300, x0 + 150 * (i + 1), y1 - 20) for i in range(3)],
+                     crs=grid.crs).to_crs("EPSG:4326").to_file(vec)
+    cfg["regions"][REGION]["labels"] = {"path": str(vec), "column": "crop"}
+    p = stage_params(validate(cfg), "labels", REGION)
+    out = tmp_path / "out"
+    line = one_line_error(capsys, "labels", ["--params", dumps(p), "--raw-dir", str(base / "data" / REGION / "raw"),
+                                             "--out-tif", str(out / "labels.tif"), "--out-gpkg", str(out / "labels.gpkg")])
+    assert f"{vec}: 1 unknown class code(s) in column 'crop'" in line and "'WHT-2023'" in line, line
+    assert "classes[].codes" in line
+    assert not (out / "labels.tif").exists() and not (out / "labels.gpkg").exists()
+    assert not out.exists() or not leftovers(out)
+
+
+def test_bbox_across_the_antimeridian_stops_the_workflow_with_one_line(base: Path, tmp_path: Path) -> None:
+    cfg = fault_config(tmp_path, secret_key_path(base))
+    cfg["regions"] = {"fiji": {"bbox": [179.95, -16.85, -179.95, -16.80], "season": {"start": "2023-01", "end": "2023-12"}}}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
+    res = snakemake(tmp_path, "-n", "maps", check=False)
+    assert res.returncode != 0
+    lines = [ln for ln in (res.stdout + res.stderr).splitlines() if "cropmap: invalid config" in ln]
+    assert len(lines) == 1, res.stderr
+    assert "config key regions.fiji.bbox" in lines[0] and "antimeridian" in lines[0] and "split it into two regions" in lines[0]
+    assert not (tmp_path / "data").exists() and not (tmp_path / "results").exists()
+
+
+def test_bbox_across_a_utm_zone_edge_is_stacked_on_one_grid(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """6°E is the edge of UTM zones 31 and 32: one grid (zone of the centroid) covers the whole bbox."""
+    from pyproj import Transformer
+
+    from cropmap.grid import utm_epsg
+
+    bbox = [5.990, 45.70, 6.0025, 45.7095]  # centroid 5.996°E: zone 31; the east edge is in zone 32
+    cfg = tiny_config(tmp_path)
+    cfg["regions"] = {"edge": {"bbox": bbox, "season": {"start": "2023-04", "end": "2023-06"}, "synthetic": {"seed": 5}}}
+    cfg["compare"]["regions"] = None
+    cfg = validate(cfg)
+    p = stage_params(cfg, "fetch", "edge")
+    grid = Grid(**p["grid"])
+    assert grid.crs == "EPSG:32631" and utm_epsg(bbox[2], bbox[1]) == 32632
+    to_grid = Transformer.from_crs("EPSG:4326", grid.crs, always_xy=True)
+    xmin, ymin, xmax, ymax = grid.bounds
+    for lon in np.linspace(bbox[0], bbox[2], 5):
+        for lat in np.linspace(bbox[1], bbox[3], 5):
+            x, y = to_grid.transform(lon, lat)
+            assert xmin <= x <= xmax and ymin <= y <= ymax, (lon, lat)
+    d = tmp_path / "data" / "edge"
+    assert cropmap_main(["fetch", "--params", dumps(p), "--raw-dir", str(d / "raw"), "--cache-dir", str(d / ".fetch"),
+                         "--availability", str(d / "availability.json")]) == 0
+    assert cropmap_main(["stack", "--params", dumps(stage_params(cfg, "stack", "edge")), "--raw-dir", str(d / "raw"),
+                         "--out-dir", str(d / "stack")]) == 0
+    for m in ("s2", "s1", "weather", "dem"):
+        grid.check(d / "stack" / f"{m}.tif")
+        with rasterio.open(d / "stack" / f"{m}.tif") as src:
+            assert np.isfinite(src.read()).any(axis=0).mean() > 0.5, m  # data on both sides of 6°E
+    assert not leftovers(d)
+
+
+# ------------------------------------------------------------------------------------------
+# missing data is nodata, counted in the report
+# ------------------------------------------------------------------------------------------
+def test_tile_without_any_modality_and_month_without_data_are_counted(base: Path, tmp_path: Path) -> None:
+    key = secret_key_path(base)
+    cfg = validate(fault_config(base, key, tile_size=64))  # base's data and model, 4 tiles of 64 px
+    stack = tmp_path / "stack"
+    shutil.copytree(base / "data" / REGION / "stack", stack)
+    for f in stack.glob("*.tif"):
+        with rasterio.open(f, "r+") as dst:
+            a = dst.read()
+            a[:, :64, :64] = np.nan  # tile r000000_c000000: every modality missing
+            for i, desc in enumerate(dst.descriptions):
+                if desc.endswith("_2023-06"):
+                    a[i] = np.nan  # June: missing from every modality
+            dst.write(a)
+    grid = Grid(**cfg_grid(cfg))
+    model = base / "models" / REGION / "classification" / "model.ckpt"
+    tiles = tmp_path / "tiles"
+    from cropmap.grid import tiles as tile_names
+
+    names = tile_names(grid, 64)
+    for name in names:
+        assert cropmap_main(["predict", "--params", dumps(stage_params(cfg, "predict", REGION)), "--model", str(model),
+                             "--stack-dir", str(stack), "--tile", name, "--out", str(tiles / f"{name}.tif")]) == 0
+    res = tmp_path / "results" / REGION
+    res.mkdir(parents=True)  # snakemake creates output folders
+    assert cropmap_main(["maps", "--params", dumps(stage_params(cfg, "maps", REGION)), "--tiles",
+                         *[str(tiles / f"{n}.tif") for n in names], "--out", str(res / "map.tif"),
+                         "--quicklook", str(res / "quicklook.png"), "--stac", str(res / "map.json")]) == 0
+    assert cropmap_main(["coverage", "--params", dumps(stage_params(cfg, "coverage", REGION)), "--map", str(res / "map.tif"),
+                         "--stack-dir", str(stack), "--out", str(res / "coverage.json")]) == 0
+    cls, conf, bits = map_pixels(res / "map.tif")
+    assert (cls[:64, :64] == 255).all() and (bits[:64, :64] == 0).all() and (conf[:64, :64] == 0).all()
+    rest = np.ones_like(cls, bool)
+    rest[:64, :64] = False
+    assert (cls[rest] != 255).mean() > 0.99, "a month missing everywhere must not blank the map"
+    base_cls = map_pixels(base / MAP)[0]
+    assert (cls[rest] == base_cls[rest]).mean() > 0.5, "the other months still carry the classes"
+    cov = json.loads((res / "coverage.json").read_text())
+    assert cov["empty_tiles"] == ["r000000_c000000"] and cov["tiles"] == 4
+    assert cov["nodata_pixels"] == int((cls == 255).sum()) >= 64 * 64
+    assert cov["months_without_data"] == ["2023-06"]
+    assert all(v == 0 for v in cov["months"]["2023-06"].values())
+    regions = {REGION: {"coverage": str(res / "coverage.json"), "quicklook": str(res / "quicklook.png")}}
+    assert cropmap_main(["html", "--regions", json.dumps(regions), "--out", str(tmp_path / "report.html")]) == 0
+    page = (tmp_path / "report.html").read_text()
+    assert "tiles without any sensor: <b>1</b> of 4 (r000000_c000000)" in page
+    assert "months without data in any sensor: <b>2023-06</b>" in page
+
+
+def cfg_grid(cfg: dict) -> dict:
+    return stage_params(cfg, "stack", REGION)["grid"]
+
+
+def test_workflow_reports_coverage(base: Path) -> None:
+    cov = json.loads((base / f"results/{REGION}/coverage.json").read_text())
+    assert cov["tiles"] == 1 and cov["empty_tiles"] == [] and cov["months_without_data"] == []
+    assert 0 <= cov["nodata_share"] < 0.01
+    assert "<h3>Coverage</h3>" in (base / "results/report.html").read_text()
+
+
+# ------------------------------------------------------------------------------------------
+# secrets
+# ------------------------------------------------------------------------------------------
+def test_credentials_never_reach_logs_reports_or_map_metadata(base: Path) -> None:
+    key = secret_key_path(base)
+    files = [p for p in base.rglob("*") if p.is_file()]
+    assert any(str(key).encode() in p.read_bytes() for p in files), "the key path should be in the run's config/logs"
+    leaks = [p for p in files if MARKER.encode() in p.read_bytes()]
+    assert not leaks, f"key contents leaked into {leaks}"
+    with rasterio.open(base / MAP) as src:
+        meta = json.dumps([src.tags(), *[src.tags(i) for i in range(1, src.count + 1)]])
+    assert MARKER not in meta and "service_account_key" not in meta
+    for f in ("map.json", "coverage.json", "metrics.csv"):
+        assert MARKER not in (base / "results" / REGION / f).read_text()
+
+
+def test_invalid_service_account_key_is_named_not_echoed(base: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                         caplog: pytest.LogCaptureFixture) -> None:
+    pytest.importorskip("ee")
+    key = secret_key_path(base)
+    cfg = fault_config(tmp_path, key)
+    cfg["regions"][REGION]["source"] = "earthengine"
+    cfg["regions"][REGION]["labels"] = {"path": str(tmp_path / "fields.gpkg")}
+    p = stage_params(validate(cfg), "fetch", REGION)
+    d = tmp_path / "data"
+    line = one_line_error(capsys, "fetch", ["--params", dumps(p), "--raw-dir", str(d / "raw"), "--cache-dir", str(d / ".fetch"),
+                                            "--availability", str(d / "availability.json")])
+    assert f"earthengine.service_account_key {key} is not a valid service account key" in line, line
+    assert MARKER not in line and MARKER not in caplog.text
+    assert not (d / "raw").exists() and not (d / "availability.json").exists()
