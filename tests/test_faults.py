@@ -458,3 +458,60 @@ def test_invalid_service_account_key_is_named_not_echoed(base: Path, tmp_path: P
     assert f"earthengine.service_account_key {key} is not a valid service account key" in line, line
     assert MARKER not in line and MARKER not in caplog.text
     assert not (d / "raw").exists() and not (d / "availability.json").exists()
+
+
+# ------------------------------------------------------------------------------------------
+# resume bookkeeping (no training needed)
+# ------------------------------------------------------------------------------------------
+def test_resume_only_from_a_checkpoint_of_the_same_settings_and_inputs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from cropmap.train import TrainSettings, fingerprint, resume_checkpoint
+
+    monkeypatch.delenv("CROPMAP_RESUME_FROM", raising=False)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    s = TrainSettings(task="classification", method="comiss", modalities=["s2"], months=["2023-01"],
+                      classes=[{"id": 0, "name": "a"}, {"id": 1, "name": "b"}])
+    chips = tmp_path / "chips.parquet"
+    chips.write_bytes(b"v1")
+    work = tmp_path / "work"
+
+    def leave_checkpoint(digest: str, payload: bytes | None = None) -> None:
+        work.mkdir(exist_ok=True)
+        if payload is None:
+            torch.save({"epoch": 0}, work / "last.ckpt")
+        else:
+            (work / "last.ckpt").write_bytes(payload)
+        (work / "resume.json").write_text(json.dumps({"fingerprint": digest}))
+
+    digest = fingerprint(s, [chips])
+    leave_checkpoint(digest)
+    assert resume_checkpoint(work, digest) == work / "last.ckpt"
+    assert os.environ["CROPMAP_RESUME_FROM"] == str(work / "last.ckpt")  # what DDP children inherit
+    s.lr = 0.5  # other settings: discarded
+    assert resume_checkpoint(work, fingerprint(s, [chips])) is None and not (work / "last.ckpt").exists()
+    leave_checkpoint(fingerprint(s, [chips]))
+    time.sleep(0.01)
+    chips.write_bytes(b"v2 -- rebuilt")  # other inputs: discarded
+    assert resume_checkpoint(work, fingerprint(s, [chips])) is None and not (work / "last.ckpt").exists()
+    leave_checkpoint(fingerprint(s, [chips]), payload=b"cut short")  # unreadable: from scratch
+    assert resume_checkpoint(work, fingerprint(s, [chips])) is None and not (work / "last.ckpt").exists()
+
+
+def test_epoch_order_depends_only_on_seed_and_epoch_and_ranks_share_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    from cropmap.train import EpochShuffleSampler
+
+    def order(seed: int, epoch: int) -> list[int]:
+        s = EpochShuffleSampler(10, seed)
+        s.set_epoch(epoch)
+        return list(s)
+
+    assert order(7, 3) == order(7, 3) and order(7, 3) != order(7, 4) and sorted(order(7, 3)) == list(range(10))
+    s = EpochShuffleSampler(10, 7)
+    s.set_epoch(3)
+    parts = []
+    for rank in range(3):
+        monkeypatch.setattr(EpochShuffleSampler, "_rank_world", staticmethod(lambda rank=rank: (rank, 3)))
+        assert len(s) == 4
+        parts += list(s)
+    assert sorted(set(parts)) == list(range(10)) and len(parts) == 12

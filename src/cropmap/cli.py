@@ -104,7 +104,8 @@ def cmd_maps(a: argparse.Namespace, p: dict[str, Any]) -> None:
     out = Path(a.out)
     maps.mosaic_to_cog(tiles, out, _grid(p), p["classes"], tags=tags, proba_out=Path(a.proba) if a.proba else None)
     maps.quicklook(out, Path(a.quicklook), p["classes"], title=f"cropmap {p['region']} ({p['model']['method']})")
-    maps.stac_item(out, Path(a.stac), p["region"], p["classes"], bbox=p["bbox"], months=p["months"], sources=p["sources"], model=p["model"])
+    maps.stac_item(out, Path(a.stac), p["region"], p["classes"], bbox=p["bbox"], months=p["months"], sources=p["sources"], model=p["model"],
+                   proba_tif=Path(a.proba) if a.proba else None)
 
 
 def cmd_expected(a: argparse.Namespace, p: dict[str, Any]) -> None:

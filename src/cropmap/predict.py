@@ -318,7 +318,12 @@ class Predictor:
         self.pin = self.cuda
         if self.cuda:
             torch.backends.cudnn.benchmark = True
-        self.model = optimize_for_inference(self.model, self._example())
+        intra = torch.get_num_threads()
+        torch.set_num_threads(1)  # a tiny check: no thread pool spin-up
+        try:
+            self.model = optimize_for_inference(self.model, self._example())
+        finally:
+            torch.set_num_threads(intra)
         cpus = os.cpu_count() or 2
         # decoding float32 deflate stacks costs ~0.3 Mpx/s per core: on CUDA every spare core reads
         self.readers = max(1, readers if readers is not None else (min(32, cpus - 1) if self.cuda else 1))
@@ -405,7 +410,7 @@ class Predictor:
             ev.synchronize()
         scatter(meta, p.numpy())
 
-    def _example(self, n: int = 4, size: int = 32) -> Batch:
+    def _example(self, n: int = 2, size: int = 16) -> Batch:
         """A small random batch (all modalities available) to check inference rewrites on."""
         gen = torch.Generator().manual_seed(0)
         batch: Batch = {}
