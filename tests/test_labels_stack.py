@@ -54,7 +54,7 @@ def test_stack_refuses_wrong_band_count(tmp_path: Path, grid: Grid) -> None:
     raw.mkdir()
     with rasterio.open(raw / "dem.tif", "w", **grid.profile(3)) as dst:
         dst.write(np.zeros((3, grid.height, grid.width), np.float32))
-    with pytest.raises(GridMismatchError, match="dem.tif has 3 bands, expected 2"):
+    with pytest.raises(GridMismatchError, match=r"dem\.tif has 3 bands, expected 2"):
         stack.run(raw, tmp_path / "stack", grid, MONTHS, ["dem"])
 
 

@@ -17,6 +17,7 @@ import tempfile
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Literal
 from xml.sax.saxutils import escape as xml_escape
 
 import numpy as np
@@ -81,7 +82,7 @@ def mosaic_to_cog(tiles: Sequence[Path], out: Path, grid: Grid, classes: Sequenc
             _to_cog(pmos, proba_out, resampling="average")
 
 
-def _to_cog(src: Path, out: Path, resampling: str = "mode") -> None:
+def _to_cog(src: Path, out: Path, resampling: Literal["mode", "average", "nearest"] = "mode") -> None:
     profile = cog_profiles.get("deflate")
     with rasterio.open(src) as ds:
         blocksize = 256 if min(ds.width, ds.height) >= 256 else 64
@@ -134,6 +135,11 @@ def write_palette_sidecars(map_tif: Path, classes: Sequence[dict]) -> None:
         tmp.write_text(qml)
 
 
+def _rgba01(rgba: tuple[int, int, int, int]) -> tuple[float, float, float, float]:
+    r, g, b, a = rgba
+    return (r / 255, g / 255, b / 255, a / 255)
+
+
 def quicklook(map_tif: Path, out_png: Path, classes: Sequence[dict], max_px: int = 1024, title: str = "") -> None:
     """PNG of the class band with a legend (read from an overview, bounded size)."""
     import matplotlib
@@ -154,7 +160,7 @@ def quicklook(map_tif: Path, out_png: Path, classes: Sequence[dict], max_px: int
     ax.imshow(img, cmap=ListedColormap(colours), vmin=-0.5, vmax=k - 0.5, interpolation="nearest")
     ax.set_axis_off()
     ax.set_title(title or map_tif.parent.name)
-    handles = [Patch(facecolor=np.array(cmap_d[c["id"]]) / 255, label=c["name"]) for c in classes]
+    handles = [Patch(facecolor=_rgba01(cmap_d[c["id"]]), label=c["name"]) for c in classes]
     handles.append(Patch(facecolor="white", edgecolor="black", label="nodata (no sensor)"))
     ax.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
     fig.tight_layout()

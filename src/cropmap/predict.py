@@ -466,7 +466,7 @@ class Predictor:
             proba[:, sel] = p.T
 
         self._run(self._pixel_batches(arrays, pres), scatter)
-        return self._finish(proba.reshape(self.n_classes, *shape), pres, pres.any(axis=0))
+        return self._finish(proba.reshape(self.n_classes, *shape), pres, np.asarray(pres.any(axis=0)))
 
     def _finish(self, proba: np.ndarray, pres: np.ndarray, any_mod: np.ndarray) -> TileResult:
         cls = proba.argmax(axis=0).astype(np.uint8)
@@ -595,7 +595,7 @@ class Predictor:
                 proba[:, flat_idx] = p.T
 
             self._run(items(), scatter)
-        return self._finish(proba.reshape(self.n_classes, h, w), pres_tile, pres_tile.any(axis=0))
+        return self._finish(proba.reshape(self.n_classes, h, w), pres_tile, np.asarray(pres_tile.any(axis=0)))
 
     def predict_segmentation(self, stacks: dict[str, Path], tile: Window, size: int, overlap: float,
                              progress: bool = False) -> TileResult:
@@ -677,7 +677,7 @@ class Predictor:
 
             self._run(items(), scatter)
         proba = acc / np.maximum(wsum, 1e-12)
-        return self._finish(proba, pres_tile, pres_tile.any(axis=0))
+        return self._finish(proba, pres_tile, np.asarray(pres_tile.any(axis=0)))
 
     def predict_tile(self, stacks: dict[str, Path], tile: Window, size: int = 32, overlap: float = 0.5,
                      progress: bool = False) -> TileResult:

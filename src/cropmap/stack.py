@@ -20,7 +20,7 @@ import logging
 import math
 import threading
 from collections.abc import Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -161,7 +161,7 @@ def _computed_blocks(arr: Any, windows: list[tuple[int, int, int, int]], chunk: 
         workers = max(1, threads)
         pool = ThreadPoolExecutor(workers, thread_name_prefix="cropmap-stack")
 
-        def submit(block: Any) -> Future:
+        def submit(block: Any) -> Any:
             return pool.submit(block.compute, scheduler="sync")
 
     inflight: collections.deque = collections.deque()
