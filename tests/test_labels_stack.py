@@ -88,3 +88,15 @@ def test_unknown_label_code_names_file_and_fix(tmp_path: Path, grid: Grid) -> No
     with pytest.raises(LabelError, match=r"f\.gpkg: 1 unknown class code.*'XYZ'.*classes\[\]\.codes"):
         labels.run(vec, tmp_path / "l.tif", tmp_path / "l.gpkg", grid, CLASSES, column="crop")
     assert not (tmp_path / "l.tif").exists(), "nothing half-written"
+
+
+@pytest.mark.parametrize("suffix", [".gpkg", ".geojson", ".parquet", ".shp"])
+def test_user_label_formats(tmp_path: Path, grid: Grid, suffix: str) -> None:
+    x0, _, _, y1 = grid.bounds
+    gdf = gpd.GeoDataFrame({"crop": ["BTH", "NC"]}, geometry=[box(x0, y1 - 100, x0 + 100, y1), box(x0 + 200, y1 - 100, x0 + 300, y1)], crs=grid.crs)
+    path = tmp_path / f"fields{suffix}"
+    gdf.to_parquet(path) if suffix == ".parquet" else gdf.to_file(path)
+    labels.run(path, tmp_path / "l.tif", tmp_path / "l.gpkg", grid, CLASSES, column="crop", block_size=8)
+    with rasterio.open(tmp_path / "l.tif") as src:
+        cls = src.read(1)
+    assert (cls[:10, :10] == 1).all() and (cls[:10, 20:30] == 0).all()

@@ -57,7 +57,10 @@ def read_labels(path: Path, column: str, classes: Sequence[dict], grid: Grid, la
         LabelError: naming the file and the fix, for a missing column or unknown codes.
     """
     try:
-        gdf = gpd.read_file(path, layer=layer) if layer else gpd.read_file(path)
+        if Path(path).suffix.lower() in (".parquet", ".geoparquet"):
+            gdf = gpd.read_parquet(path)
+        else:
+            gdf = gpd.read_file(path, layer=layer) if layer else gpd.read_file(path)
     except Exception as exc:  # pyogrio raises several types
         raise LabelError(f"{path}: cannot read the label file ({str(exc).splitlines()[0]}); give a GeoPackage, GeoJSON, GeoParquet or Shapefile") from None
     if column not in gdf.columns:
