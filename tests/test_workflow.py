@@ -129,6 +129,31 @@ def test_compare_protocol_has_every_method_and_subset(run: Path) -> None:
     assert (run / "results/compare/heatmap.png").stat().st_size > 1000
 
 
+def test_compare_cross_validation_reports_mean_and_std_over_folds(run: Path) -> None:
+    original = (run / "config.yaml").read_text()
+    cfg = yaml.safe_load(original)
+    cfg["compare"] |= {"folds": 3, "methods": ["comiss", "input_fusion"]}
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    try:
+        snakemake(run, "compare")
+    finally:
+        (run / "config.yaml").write_text(original)
+    table = pd.read_csv(run / "results/compare/table.csv")
+    assert list(table.columns) == ["region", "fold", "method", "subset", "f1_weighted", "f1_macro", "accuracy", "n"]
+    assert len(table) == 3 * 2 * 15 and sorted(table["fold"].unique()) == [0, 1, 2]
+    # each fold tests other blocks: the test pixels differ between folds
+    splits = []
+    for f in range(3):
+        with rasterio.open(run / f"data/tiny/folds/{f}/labels.tif") as src:
+            splits.append(src.read(2) == 2)
+    assert not (splits[0] & splits[1]).any() and not (splits[1] & splits[2]).any()
+    summary = pd.read_csv(run / "results/compare/summary.csv")
+    assert {"overall", "overall_std", "moderate_std", "extreme_std"} <= set(summary.columns)
+    per_fold = table[table.method == "comiss"].groupby("fold")["f1_weighted"].mean()
+    assert abs(summary.loc[summary.method == "comiss", "overall"].item() - per_fold.mean()) < 0.02
+    assert abs(summary.loc[summary.method == "comiss", "overall_std"].item() - per_fold.std(ddof=0)) < 0.02
+
+
 def test_adding_a_region_runs_only_its_jobs(run: Path) -> None:
     cfg = yaml.safe_load((run / "config.yaml").read_text())
     cfg["regions"]["tiny2"] = dict(cfg["regions"]["tiny"], synthetic={"seed": 9})

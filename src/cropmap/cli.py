@@ -57,6 +57,14 @@ def cmd_labels(a: argparse.Namespace, p: dict[str, Any]) -> None:
                layer=lab.get("layer"), block_size=p["split"]["block_size"], fractions=p["split"]["fractions"], seed=p["seed"])
 
 
+def cmd_fold(a: argparse.Namespace, p: dict[str, Any]) -> None:
+    from cropmap import labels
+
+    labels.write_fold(Path(a.labels), Path(a.chips), Path(a.out_tif), Path(a.out_chips), _grid(p),
+                      block_size=p["split"]["block_size"], fractions=p["split"]["fractions"], seed=p["seed"],
+                      folds=p["folds"], fold=int(a.fold))
+
+
 def cmd_chips(a: argparse.Namespace, p: dict[str, Any]) -> None:
     from cropmap import tiles
 
@@ -182,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
         dask_scheduler={"default": os.environ.get("CROPMAP_DASK_SCHEDULER", ""),
                         "help": "address of a running dask.distributed scheduler (dask.scheduler; default $CROPMAP_DASK_SCHEDULER)"})
     add("labels", cmd_labels, "raw_dir", "out_tif", "out_gpkg")
+    add("fold", cmd_fold, "labels", "chips", "fold", "out_tif", "out_chips")
     add("chips", cmd_chips, "stack_dir", "labels", "out")
     add("train", cmd_train, "stack_dir", "labels", "chips", "out", "work_dir", task={"choices": ["classification", "segmentation"], "required": True})
     add("pretrain", cmd_pretrain, "stack_dir", "labels", "chips", "out")

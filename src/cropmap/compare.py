@@ -80,6 +80,8 @@ def heatmap(table: pd.DataFrame, out_png: Path, metric: str = "f1_weighted", tit
 def collect(parts: Sequence[Path], out_table: Path, out_summary: Path, out_png: Path | None = None) -> pd.DataFrame:
     """Concatenate per-method subset tables and write ``table.csv``, ``summary.csv`` and the heatmap."""
     table = pd.concat([pd.read_csv(p) for p in parts], ignore_index=True)
+    if "fold" in table.columns and table["fold"].nunique() == 1:  # no cross-validation: no fold column
+        table = table.drop(columns="fold")
     extra = [c for c in ("region", "fold") if c in table.columns]
     table = table[extra + TABLE_COLUMNS]
     with atomic_path(out_table) as tmp:

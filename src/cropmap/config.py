@@ -204,6 +204,8 @@ def stage_params(config: dict, stage: str, region: str, method: str | None = Non
         return base
     if stage == "labels":
         return base | {"labels": r.get("labels"), "classes": config["classes"], "split": config["split"], "seed": config["seed"]}
+    if stage == "fold":
+        return {"region": region, "grid": grid, "split": config["split"], "seed": config["seed"], "folds": config["compare"]["folds"]}
     if stage == "chips":
         return base | {"size": config["chips"]["size"], "min_valid_fraction": config["availability"]["min_valid_fraction"]}
     if stage == "train":

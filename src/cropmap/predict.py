@@ -234,6 +234,16 @@ class _Error:
         self.exc = exc
 
 
+def counted(items: Iterable[tuple[Any, Any]], bar: Any) -> Iterator[tuple[Any, Any]]:
+    """The ``(meta, batch)`` items of a producer; a ``(meta, None)`` marks a finished block and
+    advances the progress ``bar`` instead of being yielded."""
+    for meta, batch in items:
+        if batch is None:
+            bar.update()
+            continue
+        yield meta, batch
+
+
 def prefetch(units: Iterable[Any], produce: Callable[[Any, Callable[[Any], None]], None], readers: int,
              depth: int = 2) -> Iterator[Any]:
     """Items that ``produce(unit, put)`` puts, unit after unit, produced ahead in reader threads.
@@ -584,17 +594,10 @@ class Predictor:
             put((None, None))  # end of block (progress)
 
         with self._progress(len(cells), progress, "predict") as bar:
-            def items() -> Iterator[tuple[Any, Batch]]:
-                for meta, batch in prefetch(cells, produce, self.readers):
-                    if batch is None:
-                        bar.update()
-                        continue
-                    yield meta, batch
-
             def scatter(flat_idx: np.ndarray, p: np.ndarray) -> None:
                 proba[:, flat_idx] = p.T
 
-            self._run(items(), scatter)
+            self._run(counted(prefetch(cells, produce, self.readers), bar), scatter)
         return self._finish(proba.reshape(self.n_classes, h, w), pres_tile, np.asarray(pres_tile.any(axis=0)))
 
     def predict_segmentation(self, stacks: dict[str, Path], tile: Window, size: int, overlap: float,
@@ -668,14 +671,7 @@ class Predictor:
                 wsum[tr : tr + r1 - r0, tc : tc + c1 - c0] += ww
 
         with self._progress(len(cells), progress, "predict") as bar:
-            def items() -> Iterator[tuple[Any, Batch]]:
-                for meta, batch in prefetch(cells, produce, self.readers):
-                    if batch is None:
-                        bar.update()
-                        continue
-                    yield meta, batch
-
-            self._run(items(), scatter)
+            self._run(counted(prefetch(cells, produce, self.readers), bar), scatter)
         proba = acc / np.maximum(wsum, 1e-12)
         return self._finish(proba, pres_tile, np.asarray(pres_tile.any(axis=0)))
 

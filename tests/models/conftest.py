@@ -14,6 +14,28 @@ K = 3
 HW = 8
 
 
+def checker_chips(
+    b: int = 2,
+    hw: int = 32,
+    *,
+    seed: int = 0,
+    separable: bool = False,
+    mask: torch.Tensor | None = None,
+    steps: int = 3,
+    n_classes: int = K,
+) -> dict[str, torch.Tensor]:
+    """Segmentation chips ``{m: [B, steps*C, hw, hw]}`` (DEM static) with 8 px checkerboard classes."""
+    g = torch.Generator().manual_seed(seed)
+    y = ((torch.arange(hw)[None, :, None] // 8 + torch.arange(hw)[None, None, :] // 8) % n_classes).expand(b, hw, hw)
+    batch: dict[str, torch.Tensor] = {}
+    for m in MODS:
+        x = torch.randn(b, CH[m] * (1 if m == "dem" else steps), hw, hw, generator=g)
+        batch[m] = 0.3 * x + 1.5 * y[:, None].float() if separable else x
+    batch["y"] = y.clone()
+    batch["mask"] = mask if mask is not None else torch.ones(b, len(MODS), dtype=torch.bool)
+    return batch
+
+
 def make_batch(
     task: str,
     b: int = 6,

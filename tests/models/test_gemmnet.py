@@ -8,6 +8,7 @@ import torch
 from cropmap.errors import ConfigError, UnknownNameError
 from cropmap.models import build_model
 from cropmap.models.gemmnet import GEMMNet, dice_loss
+from tests.models.conftest import checker_chips
 
 MODS = ("s2", "s1", "weather", "dem")
 CH = {"s2": 10, "s1": 2, "weather": 2, "dem": 2}
@@ -16,17 +17,7 @@ TERMS = {"fused", "scales", "modal", "rec", "disc", "total"}
 
 
 def chips(b: int = 2, hw: int = 32, *, seed: int = 0, separable: bool = False, mask=None) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    y = ((torch.arange(hw)[None, :, None] // 8 + torch.arange(hw)[None, None, :] // 8) % K).expand(
-        b, hw, hw
-    )
-    batch = {}
-    for m in MODS:
-        x = torch.randn(b, CH[m] * (1 if m == "dem" else T), hw, hw, generator=g)
-        batch[m] = 0.3 * x + 1.5 * y[:, None].float() if separable else x
-    batch["y"] = y.clone()
-    batch["mask"] = mask if mask is not None else torch.ones(b, len(MODS), dtype=torch.bool)
-    return batch
+    return checker_chips(b, hw, seed=seed, separable=separable, mask=mask, steps=T, n_classes=K)
 
 
 def build(**kw) -> GEMMNet:

@@ -55,6 +55,7 @@ wildcard_constraints:
     task="classification|segmentation",
     tile="r[0-9]+_c[0-9]+",
     method="[a-z_]+",
+    fold="[0-9]+",
 
 
 def params_json(stage):
@@ -87,6 +88,17 @@ def gpus(block):
 
 def labelled_regions():
     return [r for r in REGIONS if has_labels(config, r)]
+
+
+def fold_inputs(wc):
+    """Labels and chips of one cross-validation fold: the labels stage's own split when
+    compare.folds is 1, else the fold's copy written by rule compare_fold."""
+    if config["compare"]["folds"] == 1:
+        return {"labels": f"{DATA}/{wc.region}/labels.tif", "chips": f"{DATA}/{wc.region}/chips.parquet"}
+    return {
+        "labels": f"{DATA}/{wc.region}/folds/{wc.fold}/labels.tif",
+        "chips": f"{DATA}/{wc.region}/folds/{wc.fold}/chips.parquet",
+    }
 
 
 def pretrained_input(method, region):

@@ -1,17 +1,39 @@
+rule compare_fold:
+    """Labels and chips of one fold of spatial cross-validation (compare.folds > 1)."""
+    input:
+        labels=rules.labels.output.tif,
+        chips=rules.chips.output,
+    output:
+        labels=f"{DATA}/{{region}}/folds/{{fold}}/labels.tif",
+        chips=f"{DATA}/{{region}}/folds/{{fold}}/chips.parquet",
+    params:
+        p=params_json("fold"),
+    log:
+        f"logs/{{region}}/compare/fold{{fold}}.log",
+    conda:
+        "../../envs/cropmap.yaml"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    shell:
+        "python -m cropmap fold --params {params.p:q} --labels {input.labels} --chips {input.chips}"
+        " --fold {wildcards.fold} --out-tif {output.labels} --out-chips {output.chips} > {log} 2>&1"
+
+
 rule train_compare:
     """Train one method of the comparison protocol (same splits and seed as every other)."""
     input:
+        unpack(fold_inputs),
         stack=rules.stack.output,
-        labels=rules.labels.output.tif,
-        chips=rules.chips.output,
         pretrained=lambda wc: pretrained_input(wc.method, wc.region),
     output:
-        f"{MODELS}/{{region}}/compare/{{method}}/{{task}}/model.ckpt",
+        f"{MODELS}/{{region}}/compare/fold{{fold}}/{{method}}/{{task}}/model.ckpt",
     params:
         p=lambda wc: dumps(stage_params(config, "train", wc.region, method=wc.method)),
-        work=f"{MODELS}/{{region}}/compare/{{method}}/{{task}}/lightning",
+        work=f"{MODELS}/{{region}}/compare/fold{{fold}}/{{method}}/{{task}}/lightning",
     log:
-        f"logs/{{region}}/compare/train_{{method}}_{{task}}.log",
+        f"logs/{{region}}/compare/fold{{fold}}/train_{{method}}_{{task}}.log",
     conda:
         "../../envs/cropmap.yaml"
     threads: workflow.cores
@@ -28,16 +50,15 @@ rule train_compare:
 rule evaluate_compare:
     """Score one method on every non-empty subset of sensors (held-out test split)."""
     input:
+        unpack(fold_inputs),
         model=rules.train_compare.output,
         stack=rules.stack.output,
-        labels=rules.labels.output.tif,
-        chips=rules.chips.output,
     output:
-        f"{RESULTS}/compare/{{region}}/{{method}}_{{task}}.csv",
+        f"{RESULTS}/compare/{{region}}/fold{{fold}}/{{method}}_{{task}}.csv",
     params:
         p=params_json("report"),
     log:
-        f"logs/{{region}}/compare/evaluate_{{method}}_{{task}}.log",
+        f"logs/{{region}}/compare/fold{{fold}}/evaluate_{{method}}_{{task}}.log",
     conda:
         "../../envs/cropmap.yaml"
     threads: 1
@@ -47,15 +68,16 @@ rule evaluate_compare:
     shell:
         "python -m cropmap report --params {params.p:q} --model {input.model} --stack-dir {input.stack}"
         " --labels {input.labels} --chips {input.chips} --out {output}"
-        " --tag region={wildcards.region} --tag method={wildcards.method} > {log} 2>&1"
+        " --tag region={wildcards.region} --tag fold={wildcards.fold} --tag method={wildcards.method} > {log} 2>&1"
 
 
 rule compare:
     """Target: results/compare/table.csv (method x subset), summary.csv and a heatmap."""
     input:
         expand(
-            f"{RESULTS}/compare/{{region}}/{{method}}_{{task}}.csv",
+            f"{RESULTS}/compare/{{region}}/fold{{fold}}/{{method}}_{{task}}.csv",
             region=compare_regions(config),
+            fold=range(config["compare"]["folds"]),
             method=config["compare"]["methods"],
             task=compare_task(config),
         ),
