@@ -515,3 +515,22 @@ def test_epoch_order_depends_only_on_seed_and_epoch_and_ranks_share_it(monkeypat
         assert len(s) == 4
         parts += list(s)
     assert sorted(set(parts)) == list(range(10)) and len(parts) == 12
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_outputs_get_the_permissions_of_a_plain_open(tmp_path: Path, umask: int) -> None:
+    """Atomic writes go through private temporaries; the published map must not stay 0600."""
+    from cropmap.io import atomic_dir, atomic_path, current_umask
+
+    old = os.umask(umask)
+    try:
+        assert current_umask() == umask
+        with atomic_path(tmp_path / "map.tif") as tmp:
+            tmp.write_bytes(b"x")
+        with atomic_dir(tmp_path / "stack") as tmp:
+            (tmp / "s2.tif").write_bytes(b"x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "map.tif").stat().st_mode & 0o777 == 0o666 & ~umask
+    assert (tmp_path / "stack").stat().st_mode & 0o777 == 0o777 & ~umask
+    assert not leftovers(tmp_path)

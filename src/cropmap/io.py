@@ -18,6 +18,25 @@ from cropmap.errors import CorruptRasterError, GridMismatchError
 from cropmap.grid import Grid
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it (``/proc/self/status`` on Linux)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)  # elsewhere: the classic set-and-restore
+    os.umask(mask)
+    return mask
+
+
+def _publish(tmp: Path, path: Path, mode: int) -> None:
+    """Give ``tmp`` the permissions a plain ``open()`` would (``mode`` minus the umask), then
+    move it to ``path``. ``mkstemp``/``mkdtemp`` create private 0600/0700 entries, which would
+    hide maps from other users of a shared disk or a QGIS server."""
+    os.chmod(tmp, mode & ~current_umask())
+    os.replace(tmp, path)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; move it into place only if the block succeeds.
@@ -31,7 +50,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
-        os.replace(tmp_path, path)
+        _publish(tmp_path, path, 0o666)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
@@ -47,7 +66,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
         yield tmp
         if path.exists():
             shutil.rmtree(path)
-        os.replace(tmp, path)
+        _publish(tmp, path, 0o777)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
