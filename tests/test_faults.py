@@ -228,7 +228,7 @@ def finished_tiles(log: str) -> set[str]:
     return {tile_of[j] for j in re.findall(r"Finished jobid: (\d+) \(Rule: predict\)", log)}
 
 
-def test_sigkill_during_predict_skips_finished_tiles(base: Path, tmp_path: Path) -> None:
+def test_sigkill_during_predict_skips_finished_tiles(base: Path, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
     write_config(tmp_path, secret_key_path(base), tile_size=104)  # 2 tiles (rows 0-103, 104-107)
     copy_from(base, tmp_path, "data", "models")  # the run starts with predict
     tiles = tmp_path / "results" / REGION / "tiles"
@@ -243,6 +243,12 @@ def test_sigkill_during_predict_skips_finished_tiles(base: Path, tmp_path: Path)
     assert rerun == sorted({"r000000_c000000", "r000104_c000000"} - done), rerun
     for t, mtime in mtimes.items():
         assert (tiles / f"{t}.tif").stat().st_mtime_ns == mtime, f"{t} was predicted again"
+    # the same config run without a kill writes the very same bytes
+    ref = tmp_path_factory.mktemp("predict-ref")
+    write_config(ref, secret_key_path(base), tile_size=104)
+    copy_from(base, ref, "data", "models")
+    snakemake(ref, str(ref / MAP))
+    assert (tmp_path / MAP).read_bytes() == (ref / MAP).read_bytes()
     # 104 px tiles instead of one 128 px tile: per-pixel classification, the same pixels
     assert np.array_equal(map_pixels(tmp_path / MAP), map_pixels(base / MAP))
 
