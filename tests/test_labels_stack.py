@@ -90,6 +90,12 @@ def test_unknown_label_code_names_file_and_fix(tmp_path: Path, grid: Grid) -> No
     assert not (tmp_path / "l.tif").exists(), "nothing half-written"
 
 
+def test_missing_label_file_names_it_and_the_config_key(tmp_path: Path, grid: Grid) -> None:
+    with pytest.raises(LabelError, match=r"fields\.gpkg: no such label file; fix labels\.path"):
+        labels.run(tmp_path / "fields.gpkg", tmp_path / "l.tif", tmp_path / "l.gpkg", grid, CLASSES, column="crop")
+    assert not list(tmp_path.iterdir()), "nothing written"
+
+
 @pytest.mark.parametrize("suffix", [".gpkg", ".geojson", ".parquet", ".shp"])
 def test_user_label_formats(tmp_path: Path, grid: Grid, suffix: str) -> None:
     x0, _, _, y1 = grid.bounds

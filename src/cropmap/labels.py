@@ -55,8 +55,11 @@ def read_labels(path: Path, column: str, classes: Sequence[dict], grid: Grid, la
     """Read a vector label file, reproject it to the grid CRS and map its codes to class ids.
 
     Raises:
-        LabelError: naming the file and the fix, for a missing column or unknown codes.
+        LabelError: naming the file and the fix, for a missing file or column or unknown codes.
     """
+    if not Path(path).is_file():
+        raise LabelError(f"{path}: no such label file; fix labels.path of the region in config.yaml "
+                         "(relative paths start from the folder snakemake runs in)")
     try:
         if Path(path).suffix.lower() in (".parquet", ".geoparquet"):
             gdf = gpd.read_parquet(path)
