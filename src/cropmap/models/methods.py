@@ -23,6 +23,7 @@ Common contract (see ``cropmap.models`` for the batch layout):
 
 from __future__ import annotations
 
+import abc
 import itertools
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar, Literal
@@ -45,8 +46,10 @@ Batch = Mapping[str, Any]
 Output = dict[str, Any]
 
 
-class CoLearningModel(nn.Module):
+class CoLearningModel(nn.Module, abc.ABC):
     """Base class: input preparation, masked encoding, fusion, prediction.
+
+    Subclasses (one per method) implement :meth:`forward` and :meth:`_terms`.
 
     Args:
         task: ``"classification"`` (pixel time series) or ``"segmentation"`` (chips).
@@ -223,9 +226,9 @@ class CoLearningModel(nn.Module):
         self._hw = tuple(first.shape[-2:]) if self.spatial else ()
 
     # ------------------------------------------------------------------ API
+    @abc.abstractmethod
     def forward(self, batch: Batch) -> Output:
         """Fused and per-modality logits plus method-specific tensors."""
-        raise NotImplementedError
 
     def loss(self, out: Output, batch: Batch) -> dict[str, Tensor]:
         """Named loss terms and ``"total"`` (their unweighted sum)."""
@@ -233,8 +236,9 @@ class CoLearningModel(nn.Module):
         terms["total"] = torch.stack(list(terms.values())).sum()
         return terms
 
+    @abc.abstractmethod
     def _terms(self, out: Output, y: Tensor) -> dict[str, Tensor]:
-        raise NotImplementedError
+        """The method's named loss terms (:meth:`loss` adds ``"total"``)."""
 
     def _sup(self, logits: Tensor, y: Tensor, valid: Tensor | None) -> Tensor:
         return L.task_loss(self.head_kind, logits, y, self.class_weights, valid)
