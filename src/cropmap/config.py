@@ -245,6 +245,24 @@ def compare_task(config: dict) -> str:
     return str(config["compare"]["task"] or config["model"]["task"])
 
 
+def gpu_count(block: dict) -> int:
+    """GPUs a job asks the executor for (resource ``gpu``) from a ``training``/``prediction`` block.
+
+    ``device: cuda`` asks for ``devices`` GPUs (1 unless an integer count or an ``0,1``-style
+    list is given); ``auto`` and ``cpu`` ask for none, so a cluster job only lands on a GPU node
+    when the config says cuda.
+    """
+    if block["device"] != "cuda":
+        return 0
+    devices = block.get("devices", 1)
+    if isinstance(devices, int):
+        return max(devices, 1)
+    devices = str(devices).strip()
+    if devices.isdigit():
+        return max(int(devices), 1)
+    return len([d for d in devices.strip("[]").split(",") if d.strip()]) if "," in devices else 1
+
+
 def uses_pretraining(config: dict, method: str) -> bool:
     """Whether training ``method`` starts from the self-supervised ``pretrain`` rule's weights."""
     return method == "imt" and bool(config["model"]["pretrain"]["enabled"])

@@ -131,18 +131,24 @@ class Grid:
             prof["nodata"] = nodata
         return prof
 
-    def check(self, path: str | Path) -> None:
+    def check(self, path: str | Path, fix: str = "delete it and rerun so the stack stage rebuilds it") -> None:
         """Raise if the raster at ``path`` is not on this grid.
 
+        Args:
+            path: the raster.
+            fix: what the user should do, ending the error message.
+
         Raises:
-            GridMismatchError: naming the file, what differs and how to rebuild it.
+            GridMismatchError: naming the file, what differs and ``fix``.
         """
         with rasterio.open(path) as src:
             same_crs = CRS.from_user_input(src.crs) == CRS.from_user_input(self.crs) if src.crs else False
             if not same_crs or src.width != self.width or src.height != self.height or not src.transform.almost_equals(self.transform, precision=1e-6):
+                t = src.transform
                 raise GridMismatchError(
-                    f"{path} is not on its region's grid (file: {src.crs} {src.width}x{src.height} {tuple(src.transform)[:6]}; "
-                    f"grid: {self.crs} {self.width}x{self.height} {tuple(self.transform)[:6]}): delete it and rerun so the stack stage rebuilds it"
+                    f"{path} is not on its region's grid (file: {src.crs} {src.width}x{src.height} px, origin "
+                    f"({t.c:.1f}, {t.f:.1f}), {t.a:g} m; grid: {self.crs} {self.width}x{self.height} px, origin "
+                    f"({self.xmin:.1f}, {self.ymax:.1f}), {self.res:g} m): {fix}"
                 )
 
     def to_dict(self) -> dict:
@@ -197,9 +203,15 @@ def tile_id(row: int, col: int) -> str:
     return f"r{row:06d}_c{col:06d}"
 
 
+def pixel_windows(grid: Grid, size: int) -> list[tuple[int, int, int, int]]:
+    """``(row, col, height, width)`` of the ``size`` px squares covering ``grid``, row-major (edge ones smaller)."""
+    return [(r, c, min(size, grid.height - r), min(size, grid.width - c))
+            for r in range(0, grid.height, size) for c in range(0, grid.width, size)]
+
+
 def tiles(grid: Grid, size: int) -> list[str]:
     """Names of the tiles covering ``grid`` in ``size`` px squares (edge tiles are smaller)."""
-    return [tile_id(r, c) for r in range(0, grid.height, size) for c in range(0, grid.width, size)]
+    return [tile_id(r, c) for r, c, _, _ in pixel_windows(grid, size)]
 
 
 def tile_window(grid: Grid, name: str, size: int) -> Window:

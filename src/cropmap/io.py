@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -10,12 +12,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import rasterio
-from pyproj import CRS
 from rasterio.errors import RasterioIOError
 from rasterio.windows import Window
 
-from cropmap.errors import CorruptRasterError, GridMismatchError
+from cropmap.errors import CorruptRasterError
 from cropmap.grid import Grid
+
+
+def fingerprint(obj: object) -> str:
+    """Stable short hash of a JSON-serialisable object (``str()`` for anything else)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def current_umask() -> int:
@@ -111,19 +117,8 @@ def check_stacks(stack_dir: str | Path, grid: Grid, modalities: list[str] | tupl
     found = {m: stack_dir / f"{m}.tif" for m in modalities if (stack_dir / f"{m}.tif").exists()}
     for path in found.values():
         try:
-            with rasterio.open(path) as src:
-                same = (src.crs is not None and CRS.from_user_input(src.crs) == CRS.from_user_input(grid.crs)
-                        and (src.width, src.height) == (grid.width, grid.height)
-                        and src.transform.almost_equals(grid.transform, precision=1e-6))
-                if not same:
-                    raise GridMismatchError(
-                        f"{path} is not on its region's grid (file: {src.crs} {src.width}x{src.height} px, origin "
-                        f"({src.transform.c:.1f}, {src.transform.f:.1f}), {src.transform.a:g} m; grid: {grid.crs} "
-                        f"{grid.width}x{grid.height} px, origin ({grid.xmin:.1f}, {grid.ymax:.1f}), {grid.res:g} m): {fix}"
-                    )
-        except (RasterioIOError, OSError) as exc:
-            if isinstance(exc, CorruptRasterError):
-                raise
+            grid.check(path, fix=fix)
+        except (RasterioIOError, OSError) as exc:  # not even the header opens
             first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise CorruptRasterError(f"{path} is truncated or corrupt ({first}): {fix}") from None
         check_readable(path, hint=fix, window=window)

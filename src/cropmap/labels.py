@@ -89,13 +89,17 @@ def read_labels(path: Path, column: str, classes: Sequence[dict], grid: Grid, la
     return out[~out.geometry.is_empty & out.geometry.notna()]
 
 
+def block_shape(grid: Grid, block_size: int) -> tuple[int, int]:
+    """Number of split blocks ``(rows, cols)`` covering ``grid`` (edge blocks are partial)."""
+    return -(-grid.height // block_size), -(-grid.width // block_size)
+
+
 def block_splits(grid: Grid, block_size: int, fractions: dict[str, float], seed: int) -> np.ndarray:
     """Split id per block: ``[ceil(H/bs), ceil(W/bs)]`` uint8 with values 0/1/2.
 
     Every split gets at least one block when there are three or more blocks.
     """
-    nby = -(-grid.height // block_size)
-    nbx = -(-grid.width // block_size)
+    nby, nbx = block_shape(grid, block_size)
     n = nby * nbx
     total = sum(fractions[s] for s in SPLITS)
     n_val = round(fractions["val"] / total * n)
@@ -133,8 +137,7 @@ def fold_splits(grid: Grid, block_size: int, fractions: dict[str, float], seed: 
         return block_splits(grid, block_size, fractions, seed)
     if not 0 <= fold < folds:
         raise ValueError(f"fold {fold} is not in 0..{folds - 1}")
-    nby = -(-grid.height // block_size)
-    nbx = -(-grid.width // block_size)
+    nby, nbx = block_shape(grid, block_size)
     ok = np.ones(nby * nbx, dtype=bool) if usable is None else np.asarray(usable, dtype=bool).reshape(-1)
     cand = np.flatnonzero(ok)
     n = len(cand)
@@ -172,7 +175,7 @@ def write_fold(labels_tif: Path, chips: Path, out_tif: Path, out_chips: Path, gr
         Labelled-pixel counts per split of this fold.
     """
     df = pd.read_parquet(chips)
-    usable = np.zeros((-(-grid.height // block_size), -(-grid.width // block_size)), dtype=bool)
+    usable = np.zeros(block_shape(grid, block_size), dtype=bool)
     lab = df[df["n_labelled"] > 0]
     usable[lab["row"] // block_size, lab["col"] // block_size] = True
     split = split_raster(grid, block_size, fractions, seed, folds, fold, usable)

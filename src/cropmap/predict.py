@@ -476,9 +476,11 @@ class Predictor:
             proba[:, sel] = p.T
 
         self._run(self._pixel_batches(arrays, pres), scatter)
-        return self._finish(proba.reshape(self.n_classes, *shape), pres, np.asarray(pres.any(axis=0)))
+        return self._finish(proba.reshape(self.n_classes, *shape), pres)
 
-    def _finish(self, proba: np.ndarray, pres: np.ndarray, any_mod: np.ndarray) -> TileResult:
+    def _finish(self, proba: np.ndarray, pres: np.ndarray) -> TileResult:
+        """Class, confidence and bitmask from probabilities; nodata where ``pres`` has no modality."""
+        any_mod = np.asarray(pres.any(axis=0))
         cls = proba.argmax(axis=0).astype(np.uint8)
         conf = np.round(proba.max(axis=0) * 100).astype(np.uint8)
         cls[~any_mod] = NODATA
@@ -598,7 +600,7 @@ class Predictor:
                 proba[:, flat_idx] = p.T
 
             self._run(counted(prefetch(cells, produce, self.readers), bar), scatter)
-        return self._finish(proba.reshape(self.n_classes, h, w), pres_tile, np.asarray(pres_tile.any(axis=0)))
+        return self._finish(proba.reshape(self.n_classes, h, w), pres_tile)
 
     def predict_segmentation(self, stacks: dict[str, Path], tile: Window, size: int, overlap: float,
                              progress: bool = False) -> TileResult:
@@ -673,7 +675,7 @@ class Predictor:
         with self._progress(len(cells), progress, "predict") as bar:
             self._run(counted(prefetch(cells, produce, self.readers), bar), scatter)
         proba = acc / np.maximum(wsum, 1e-12)
-        return self._finish(proba, pres_tile, np.asarray(pres_tile.any(axis=0)))
+        return self._finish(proba, pres_tile)
 
     def predict_tile(self, stacks: dict[str, Path], tile: Window, size: int = 32, overlap: float = 0.5,
                      progress: bool = False) -> TileResult:

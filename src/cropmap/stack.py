@@ -33,7 +33,7 @@ from rasterio.windows import Window
 from tqdm import tqdm
 
 from cropmap.errors import ConfigError, CorruptRasterError, GridMismatchError
-from cropmap.grid import Grid
+from cropmap.grid import Grid, pixel_windows
 from cropmap.io import atomic_path
 from cropmap.modalities import band_descriptions
 
@@ -111,12 +111,6 @@ def _to_nan(a: np.ndarray, nodata: float | None) -> np.ndarray:
     return a
 
 
-def chunk_windows(grid: Grid, chunk: int) -> list[tuple[int, int, int, int]]:
-    """``(row, col, height, width)`` of the chunks covering ``grid``, row-major."""
-    return [(r, c, min(chunk, grid.height - r), min(chunk, grid.width - c))
-            for r in range(0, grid.height, chunk) for c in range(0, grid.width, chunk)]
-
-
 def aligned_chunk(grid: Grid, chunk: int, n_bands: int) -> int:
     """``chunk`` rounded up to a multiple of the output's internal block size (each block written once)."""
     block = int(grid.profile(n_bands).get("blockysize", 0)) or 1
@@ -130,7 +124,7 @@ def lazy_stack(raw: Path, grid: Grid, n_bands: int, chunk: int) -> Any:
 
     rows = [[da.from_delayed(dask.delayed(warp_window, pure=True)(str(raw), grid.to_dict(), r, c, h, w),
                              shape=(n_bands, h, w), dtype="float32")
-             for (r, c, h, w) in chunk_windows(grid, chunk) if r == r0]
+             for (r, c, h, w) in pixel_windows(grid, chunk) if r == r0]
             for r0 in range(0, grid.height, chunk)]
     return da.block([rows]) if rows else da.zeros((n_bands, 0, 0), dtype="float32")
 
@@ -221,7 +215,7 @@ def stack_modality(raw: Path, out: Path, grid: Grid, modality: str, months: Sequ
         raise CorruptRasterError(f"{raw} is truncated or corrupt ({str(exc).splitlines()[0]}): delete it and rerun the fetch") from None
     n = len(expected)
     chunk = aligned_chunk(grid, chunk, n)
-    windows = chunk_windows(grid, chunk)
+    windows = pixel_windows(grid, chunk)
     if use_dask:
         blocks = _computed_blocks(lazy_stack(raw, grid, n, chunk), windows, chunk, client, threads)
     else:

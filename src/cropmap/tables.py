@@ -493,12 +493,9 @@ def compare_table(samples: PixelSamples, classes: list[dict], methods: Sequence[
     from cropmap.train import TrainSettings, fit_pixels
 
     out_dir = Path(out_dir)
-    try:  # segmentation-only methods (imt, gemmnet) need chips: refuse before training anything
-        from cropmap.models.factory import methods_for
+    from cropmap.models.factory import methods_for
 
-        pixel_methods = methods_for("classification")
-    except ImportError:  # pragma: no cover - older factory without task support lists
-        pixel_methods = tuple(methods)
+    pixel_methods = methods_for("classification")  # imt, gemmnet need chips: refuse before training
     wrong = [m for m in methods if m not in pixel_methods]
     if wrong:
         raise ValueError(f"methods {wrong} cannot classify pixel samples; use some of {list(pixel_methods)}")

@@ -18,7 +18,6 @@ writes ``model.ckpt``.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -39,6 +38,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from cropmap.grid import Grid
 from cropmap.io import atomic_path
+from cropmap.io import fingerprint as io_fingerprint
 from cropmap.modalities import BANDS, TEMPORAL
 from cropmap.models import build_model
 from cropmap.normalize import Normalizer, fit_stats
@@ -173,11 +173,8 @@ class EpochShuffleSampler(Sampler[int]):
 
 def fingerprint(settings: TrainSettings, files: Sequence[Path] = ()) -> str:
     """Digest of the settings and of the inputs' names, sizes and mtimes (what a resume must match)."""
-    h = hashlib.sha256(json.dumps(settings.__dict__, sort_keys=True, default=str).encode())
-    for f in sorted(Path(p) for p in files):
-        st = f.stat()
-        h.update(f"{f.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode())
-    return h.hexdigest()
+    stats = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(Path(p) for p in files)]
+    return io_fingerprint({"settings": settings.__dict__, "files": stats})
 
 
 def resume_checkpoint(work_dir: Path, digest: str) -> Path | None:

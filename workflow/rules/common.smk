@@ -16,6 +16,7 @@ from cropmap.config import (
     compare_regions,
     compare_task,
     dumps,
+    gpu_count as gpus,
     has_labels,
     model_region,
     pretrain_path,
@@ -69,21 +70,6 @@ def region_tiles(region):
 
 def model_of(wc):
     return f"{MODELS}/{model_region(config, wc.region)}/{TASK}/model.ckpt"
-
-
-def gpus(block):
-    """GPUs a job asks the executor for (resource ``gpu``): ``device: cuda`` asks for
-    ``devices`` GPUs (1 unless an integer count or an ``0,1``-style list is given); ``auto`` and
-    ``cpu`` ask for none, so a cluster job only lands on a GPU node when the config says cuda."""
-    if block["device"] != "cuda":
-        return 0
-    devices = block.get("devices", 1)
-    if isinstance(devices, int):
-        return max(devices, 1)
-    devices = str(devices).strip()
-    if devices.isdigit():
-        return max(int(devices), 1)
-    return len([d for d in devices.strip("[]").split(",") if d.strip()]) if "," in devices else 1
 
 
 def labelled_regions():

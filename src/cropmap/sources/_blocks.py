@@ -10,7 +10,6 @@ and renamed to ``raw_dir/{modality}.tif``, so a half-written stack never exists.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import shutil
@@ -22,8 +21,8 @@ import numpy as np
 import rasterio
 from rasterio.windows import Window
 
-from cropmap.grid import Grid
-from cropmap.io import atomic_path
+from cropmap.grid import Grid, pixel_windows
+from cropmap.io import atomic_path, fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -54,17 +53,7 @@ class Tile:
 
 def iter_tiles(grid: Grid, size: int) -> list[Tile]:
     """Tiles of at most ``size`` x ``size`` pixels covering the grid, row-major."""
-    size = max(1, int(size))
-    return [
-        Tile(r, c, min(size, grid.height - r), min(size, grid.width - c))
-        for r in range(0, grid.height, size)
-        for c in range(0, grid.width, size)
-    ]
-
-
-def fingerprint(obj: object) -> str:
-    """Stable short hash of a JSON-serialisable object."""
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return [Tile(*w) for w in pixel_windows(grid, max(1, int(size)))]
 
 
 class PartStore:
