@@ -165,8 +165,8 @@ def test_inference_rewrites_keep_the_function(tmp_path: Path, task: str, method:
         fast = optimize_for_inference(copy.deepcopy(model), example)
         assert not any(isinstance(x, torch.nn.modules.batchnorm._BatchNorm) for x in fast.modules())
         np.testing.assert_allclose(fast(norm(batch))["logits"].numpy(), ref.numpy(), atol=1e-4, rtol=1e-4)
-    if task == "classification" and method != "input_fusion":  # TempCNN encoders run as channels-last 2-D convolutions
-        assert any(isinstance(x, predict.Conv1dChannelsLast) for x in fast.modules())
+    if task == "classification" and method != "input_fusion":  # TempCNN encoders run fused
+        assert any(isinstance(x, predict.TempCNNInference) for x in fast.modules())
 
 
 def test_prefetch_keeps_order_raises_producer_errors_and_stops_early() -> None:

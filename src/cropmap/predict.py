@@ -58,6 +58,7 @@ from cropmap.availability import bitmask, presence_stack
 from cropmap.grid import Grid, tile_window
 from cropmap.io import atomic_path
 from cropmap.labels import NODATA
+from cropmap.models.encoders import TempCNN, UNetEncoder
 from cropmap.train import load_bundle
 
 log = logging.getLogger(__name__)
@@ -106,44 +107,67 @@ def fold_batchnorm(module: nn.Module) -> nn.Module:
     return module
 
 
-class Conv1dChannelsLast(nn.Module):
-    """A ``Conv1d`` evaluated as a channels-last ``Conv2d`` (inference only, same result).
+class TempCNNInference(nn.Module):
+    """A BatchNorm-folded :class:`~cropmap.models.encoders.TempCNN` fused for inference (same function).
 
-    oneDNN and cuDNN have their fast kernels for channels-last 2-D convolutions (about 2x faster
-    than ``conv1d`` for TempCNN's layers on CPU), and a ``[B, T, C]`` series transposed to
-    ``[B, C, T]`` is already channels-last, so no copy is needed.
+    The ``Conv1d`` layers run as channels-last ``Conv2d`` (oneDNN's and cuDNN's fast kernels: a
+    ``[B, T, C]`` series seen as ``[B, C, 1, T]`` is already channels-last, so no copy is needed),
+    the ReLUs run in place, and the first dense layer's columns are permuted to the time-major
+    order those convolutions leave in memory, so the flatten is a view instead of a copy. Dropout
+    and the folded BatchNorm's ``Identity`` are gone.
     """
 
-    def __init__(self, conv: nn.Conv1d) -> None:
+    def __init__(self, enc: TempCNN) -> None:
         super().__init__()
-        self.weight: torch.Tensor
-        self.bias: torch.Tensor | None
-        self.register_buffer("weight", conv.weight.detach().unsqueeze(2).contiguous(memory_format=torch.channels_last))
-        self.register_buffer("bias", None if conv.bias is None else conv.bias.detach().clone())
-        self.stride, self.padding = (1, int(conv.stride[0])), (0, int(conv.padding[0]))
-        self.dilation, self.groups = (1, int(conv.dilation[0])), conv.groups
+        layers = [m for m in [*enc.conv, *enc.dense] if not isinstance(m, nn.Identity | nn.Dropout)]
+        kinds = [type(m).__name__ for m in layers]
+        convs = [m for m in layers if isinstance(m, nn.Conv1d)]
+        lins = [m for m in layers if isinstance(m, nn.Linear)]
+        if kinds != ["Conv1d", "ReLU"] * len(convs) + ["Flatten", "Linear", "ReLU", "Linear"] or not all(
+            c.padding_mode == "zeros" and c.stride == (1,) and c.dilation == (1,) and c.groups == 1
+            and isinstance(c.padding, tuple) and c.bias is not None for c in convs
+        ):
+            raise ValueError(f"not a BatchNorm-folded TempCNN: {kinds}")
+        self.pads = [(0, int(c.padding[0])) for c in convs]
+
+        def frozen(t: torch.Tensor) -> nn.Parameter:
+            return nn.Parameter(t.detach().clone(), requires_grad=False)
+
+        self.convs = nn.ParameterList([frozen(c.weight.unsqueeze(2).contiguous(memory_format=torch.channels_last))
+                                       for c in convs])
+        self.conv_bias = nn.ParameterList([frozen(c.bias) for c in convs if c.bias is not None])
+        first, last = lins
+        w = first.weight.view(first.out_features, convs[-1].out_channels, -1)  # Flatten's (channel, time) order
+        self.w1 = frozen(w.transpose(1, 2).reshape(first.out_features, -1).t().contiguous())  # (time, channel)
+        self.b1 = frozen(first.bias)
+        self.w2 = frozen(last.weight.t().contiguous())
+        self.b2 = frozen(last.bias)
+        self.out_dim = last.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.unsqueeze(2).contiguous(memory_format=torch.channels_last)
-        return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups).squeeze(2)
+        """``x [B, T, C]`` -> ``[B, hidden]``."""
+        y = x.transpose(1, 2).unsqueeze(2)
+        for w, b, pad in zip(self.convs, self.conv_bias, self.pads, strict=True):
+            y = F.conv2d(y.contiguous(memory_format=torch.channels_last), w, b, 1, pad).relu_()
+        flat = y.permute(0, 2, 3, 1).reshape(len(x), -1)  # [B, 1, T, hidden]: a view when channels-last
+        return torch.addmm(self.b2, torch.addmm(self.b1, flat, self.w1).relu_(), self.w2)
 
 
 def _channels_last(model: nn.Module) -> nn.Module:
-    """Channels-last layouts where they are known to be safe: TempCNN's ``Conv1d`` layers and the U-Net."""
-    from cropmap.models.encoders import TempCNN, UNetEncoder
-
+    """Fast layouts where they are known to be safe: fused TempCNN encoders and channels-last U-Nets."""
     def convert(module: nn.Module) -> None:
         for name, child in module.named_children():
-            if isinstance(child, nn.Conv1d) and child.padding_mode == "zeros" and isinstance(child.padding, tuple):
-                module._modules[name] = Conv1dChannelsLast(child)
+            if isinstance(child, TempCNN):
+                try:
+                    module._modules[name] = TempCNNInference(child)
+                except ValueError as exc:
+                    log.info("TempCNN fusion skipped: %s", exc)
+            elif isinstance(child, UNetEncoder):
+                child.to(memory_format=torch.channels_last)
             else:
                 convert(child)
 
-    for enc in list(model.modules()):
-        if isinstance(enc, TempCNN):
-            convert(enc)
-        elif isinstance(enc, UNetEncoder):
-            enc.to(memory_format=torch.channels_last)
+    convert(model)
     return model
 
 
@@ -151,8 +175,8 @@ def optimize_for_inference(model: nn.Module, example: Batch | None = None) -> nn
     """Inference rewrites that keep the function (up to float rounding).
 
     BatchNorm is folded into the layer before it (:func:`fold_batchnorm`, in place). With an
-    ``example`` batch, TempCNN's ``Conv1d`` layers also run as channels-last ``Conv2d``
-    (:class:`Conv1dChannelsLast`) and U-Net encoders in channels-last layout, kept only if the
+    ``example`` batch, TempCNN encoders are also fused (:class:`TempCNNInference`) and U-Net
+    encoders put in channels-last layout, kept only if the
     model still gives the same logits on the example (a model that reshapes feature maps with
     ``view`` would not): otherwise the folded model is returned as is.
     """
