@@ -163,6 +163,11 @@ def split_raster(grid: Grid, block_size: int, fractions: dict[str, float], seed:
     return full[: grid.height, : grid.width]
 
 
+def split_counts(cls: np.ndarray, split: np.ndarray) -> dict[str, int]:
+    """Labelled pixels (class not nodata) per split name of a ``[H, W]`` split raster."""
+    return {s: int(((cls != NODATA) & (split == i)).sum()) for i, s in enumerate(SPLITS)}
+
+
 def write_fold(labels_tif: Path, chips: Path, out_tif: Path, out_chips: Path, grid: Grid, *, block_size: int,
                fractions: dict[str, float], seed: int, folds: int, fold: int) -> dict[str, int]:
     """Copy ``labels.tif`` and ``chips.parquet`` with the splits of one cross-validation fold.
@@ -194,7 +199,7 @@ def write_fold(labels_tif: Path, chips: Path, out_tif: Path, out_chips: Path, gr
     df["split"] = [SPLITS[split[r, c]] for r, c in zip(df["row"], df["col"], strict=True)]
     with atomic_path(out_chips) as tmp:
         df.to_parquet(tmp, index=False)
-    counts = {s: int(((cls != NODATA) & (split == i)).sum()) for i, s in enumerate(SPLITS)}
+    counts = split_counts(cls, split)
     log.info("fold %d of %d, labelled pixels per split: %s", fold, folds, counts)
     if counts["train"] == 0 or counts["test"] == 0:
         raise LabelError(f"{labels_tif}: fold {fold} of compare.folds {folds} has no labelled pixel in its "
@@ -234,7 +239,7 @@ def run(
     gdf = gdf.assign(split=[SPLITS[split[r, c]] for r, c in zip(row, col, strict=True)])
     with atomic_path(out_gpkg) as tmp:
         gdf.to_file(tmp, driver="GPKG", layer="labels")
-    counts = {s: int(((cls != NODATA) & (split == i)).sum()) for i, s in enumerate(SPLITS)}
+    counts = split_counts(cls, split)
     log.info("labelled pixels per split: %s", counts)
     if counts["train"] == 0:
         raise LabelError(f"{vector}: no labelled pixel falls in the training split of this region; check the file covers the bbox")

@@ -173,7 +173,7 @@ class EpochShuffleSampler(Sampler[int]):
 
 def fingerprint(settings: TrainSettings, files: Sequence[Path] = ()) -> str:
     """Digest of the settings and of the inputs' names, sizes and mtimes (what a resume must match)."""
-    stats = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(Path(p) for p in files)]
+    stats = [(str(f.resolve()), st.st_size, st.st_mtime_ns) for f in sorted(Path(p) for p in files) for st in [f.stat()]]
     return io_fingerprint({"settings": settings.__dict__, "files": stats})
 
 
