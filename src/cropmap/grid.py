@@ -155,14 +155,6 @@ class Grid:
         """JSON-serialisable form."""
         return {"crs": self.crs, "res": self.res, "xmin": self.xmin, "ymax": self.ymax, "width": self.width, "height": self.height}
 
-    @classmethod
-    def from_raster(cls, path: str | Path) -> Grid:
-        """The grid of an existing north-up raster."""
-        with rasterio.open(path) as src:
-            t = src.transform
-            epsg = src.crs.to_epsg()
-            return cls(crs=f"EPSG:{epsg}" if epsg else src.crs.to_wkt(), res=t.a, xmin=t.c, ymax=t.f, width=src.width, height=src.height)
-
 
 def season_months(start: str, end: str) -> list[str]:
     """Month labels from ``start`` to ``end`` inclusive.
@@ -198,8 +190,12 @@ def season_months(start: str, end: str) -> list[str]:
     return out
 
 
-def tile_id(row: int, col: int) -> str:
-    """Tile name from its top-left pixel offsets."""
+def window_key(row: int, col: int) -> str:
+    """Name of a grid window from its top-left pixel offsets: ``r000123_c000456``.
+
+    The one key format of the project: prediction tiles (``results/R/tiles/{key}.tif``) and
+    fetch blocks (``raw/.parts/{modality}/{step}_{key}.npy``) are named with it.
+    """
     return f"r{row:06d}_c{col:06d}"
 
 
@@ -211,10 +207,10 @@ def pixel_windows(grid: Grid, size: int) -> list[tuple[int, int, int, int]]:
 
 def tiles(grid: Grid, size: int) -> list[str]:
     """Names of the tiles covering ``grid`` in ``size`` px squares (edge tiles are smaller)."""
-    return [tile_id(r, c) for r, c, _, _ in pixel_windows(grid, size)]
+    return [window_key(r, c) for r, c, _, _ in pixel_windows(grid, size)]
 
 
 def tile_window(grid: Grid, name: str, size: int) -> Window:
-    """Window of tile ``name`` (see :func:`tile_id`)."""
+    """Window of tile ``name`` (see :func:`window_key`)."""
     r, c = (int(p[1:]) for p in name.split("_"))
     return Window(c, r, min(size, grid.width - c), min(size, grid.height - r))

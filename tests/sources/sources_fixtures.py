@@ -1,8 +1,8 @@
 """Helpers for the real-data source tests: loopback STAC API and Earth Engine servers.
 
 The STAC catalogue is built at test time from the real openEO GFMap cubes near Mol (Belgium) in
-``../shared/realdata``: one Cloud-Optimized GeoTIFF per date and band, written with rasterio and
-served with HTTP range requests. Nothing from realdata is copied into the repository.
+``tests/data/realdata`` (origin and licence in ``tests/data/README.md``): one Cloud-Optimized
+GeoTIFF per date and band, written with rasterio and served with HTTP range requests.
 """
 
 from __future__ import annotations
@@ -14,13 +14,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
-import pytest
 import rasterio
 from affine import Affine
 from rasterio.warp import transform, transform_bounds
 from sources_loopback import Faults, Handler, Loopback, Request, json_response, range_response
 
-REALDATA = Path(__file__).resolve().parents[2].parent / "shared" / "realdata"
+from tests.conftest import REALDATA
+
 S2_NC = REALDATA / "gfmap_mol_s2_l2a.nc"
 S1_NC = REALDATA / "gfmap_mol_s1_grd.nc"
 TOGO_TIF = REALDATA / "cropharvest_togo_ee_export.tif"
@@ -32,20 +32,10 @@ SAS_TOKEN = "st=2023-01-01&se=2099-01-01&sig=loopback-signature"
 DEM_Z0, DEM_GX, DEM_GY = -69600.0, 0.02, 0.01
 
 
-def _need(*paths: Path) -> None:
-    missing = [p.name for p in paths if not p.exists()]
-    if missing:
-        pytest.skip(f"real test data {missing} not found in {REALDATA} (../shared/realdata beside the project)")
-
-
 def _open_nc(path: Path):
-    xr = pytest.importorskip("xarray")
-    for engine in ("h5netcdf", "netcdf4"):
-        try:
-            return xr.open_dataset(path, engine=engine)
-        except (ImportError, ValueError):
-            continue
-    pytest.skip("reading the realdata netCDF cubes needs h5netcdf (or netCDF4): pip install h5netcdf")
+    import xarray as xr
+
+    return xr.open_dataset(path, engine="h5netcdf")
 
 
 def _cog_bytes(array: np.ndarray, crs: str, tf: Affine, nodata: float | None) -> bytes:
@@ -69,7 +59,6 @@ class MolCatalog:
     """
 
     def __init__(self) -> None:
-        _need(S2_NC, S1_NC)
         s2 = _open_nc(S2_NC)
         s1 = _open_nc(S1_NC)
         crs_wkt = s2["crs"].attrs["crs_wkt"]
@@ -288,10 +277,10 @@ FAKE_TOKEN = "fake-access-token-not-a-secret"
 
 def ee_recorded(name: str) -> Path:
     """A recorded-format payload shipped with earthengine-api (its own test data)."""
-    ee = pytest.importorskip("ee")
+    import ee
+
     p = Path(ee.__file__).parent / "tests" / name
-    if not p.exists():
-        pytest.skip(f"earthengine-api {ee.__version__} does not ship tests/{name} (recorded discovery document / algorithm list)")
+    assert p.exists(), f"earthengine-api {ee.__version__} does not ship tests/{name} (recorded discovery document / algorithm list)"
     return p
 
 

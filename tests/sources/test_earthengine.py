@@ -32,10 +32,8 @@ from cropmap.sources.earthengine import (
     fetch_earthengine,
 )
 
-pytest.importorskip("ee")
-
 MONTHS = ["2023-04", "2023-05"]
-# The 64 x 66 px Mol grid (UTM 31N); 32 px blocks -> 3 x 2 tiles.
+# The 64 x 66 px Mol grid (UTM 31N); 32 px blocks -> 3 x 2 blocks.
 GRID = Grid(crs="EPSG:32631", res=10.0, xmin=643260.0, ymax=5676480.0, width=64, height=66)
 ALL = ["s2", "s1", "weather", "dem"]
 
@@ -66,7 +64,7 @@ def test_fetch_sends_expected_expressions_and_writes_stacks(ee_server, tmp_path)
     assert not (tmp_path / ".parts").exists()
 
     reqs = ee_server.pixels
-    assert len(reqs) == 6 * (2 + 2 + 2 + 1)  # tiles x (months per temporal modality + DEM)
+    assert len(reqs) == 6 * (2 + 2 + 2 + 1)  # blocks x (months per temporal modality + DEM)
     origins = {(x, y) for x in (643260.0, 643580.0) for y in (5676480.0, 5676160.0, 5675840.0)}
     for body in reqs:
         assert body["fileFormat"] == "NPY"
@@ -157,7 +155,7 @@ def test_dropped_and_rate_limited_requests_give_an_identical_stack(ee_server, tm
 
 def test_killed_fetch_resumes_without_downloading_finished_blocks(ee_server, tmp_path):
     opts = ee_options(ee_server, block_size=32, retries=1)
-    total = 6 * 2  # s2: 2 months x 6 tiles
+    total = 6 * 2  # s2: 2 months x 6 blocks
     ee_server.faults.fail_after, ee_server.faults.fail_match = 5, "computePixels"  # then 503 for good
     with pytest.raises(SourceError, match="rerun to resume"):
         fetch_earthengine(GRID, MONTHS, tmp_path, modalities=["s2"], options=opts)
@@ -204,8 +202,6 @@ def test_block_side_respects_request_limits():
 
 
 def test_decode_cropharvest_export():
-    if not TOGO_TIF.exists():
-        pytest.skip(f"real test data {TOGO_TIF.name} not found in {TOGO_TIF.parent}")
     out = decode_cropharvest_export(TOGO_TIF)
     months = [f"2019-{m:02d}" for m in range(2, 13)] + ["2020-01"]  # 12 steps from 2019-02-06
     with rasterio.open(TOGO_TIF) as src:

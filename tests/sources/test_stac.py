@@ -11,9 +11,11 @@ import rasterio
 from sources_fixtures import DEM_GX, DEM_GY, Faults, mol_grid, pc_options, serve_catalog
 
 from cropmap.errors import ConfigError, SourceError
+from cropmap.grid import window_key
 from cropmap.modalities import BANDS, band_descriptions
 from cropmap.sources import _blocks
-from cropmap.sources.stac import StacConfig, fetch_stac, slope_degrees
+from cropmap.sources.stac import StacConfig, fetch_stac
+from cropmap.sources.stac_reader import slope_degrees
 
 MONTHS = ["2023-03", "2023-04", "2023-05"]
 APRIL = slice(10, 20)  # s2 bands of 2023-04
@@ -175,7 +177,7 @@ def test_interrupted_fetch_resumes_without_refetching_finished_blocks(stac_serve
         real_save(self, key, array)
 
     monkeypatch.setattr(_blocks.PartStore, "save", spy)
-    opts = pc_options(stac_server, block_size=48, retries=1)  # 2 x 2 tiles per month
+    opts = pc_options(stac_server, block_size=48, retries=1)  # 2 x 2 blocks per month
     stac_server.faults.fail_after, stac_server.faults.fail_match = 40, r"^/cogs/"  # then HTTP 503 for good
     with pytest.raises(SourceError, match="503"):
         fetch_stac(grid, MONTHS, tmp_path, modalities=["s2"], options=opts)
@@ -190,7 +192,7 @@ def test_interrupted_fetch_resumes_without_refetching_finished_blocks(stac_serve
     saved.clear()
     out = fetch_stac(grid, MONTHS, tmp_path, modalities=["s2"], options=opts)
     assert not set(first_run) & set(saved)  # finished blocks were not fetched again
-    assert sorted(first_run + saved) == sorted(f"{m}_r{r}_c{c}" for m in MONTHS for r in (0, 48) for c in (0, 48))
+    assert sorted(first_run + saved) == sorted(f"{m}_{window_key(r, c)}" for m in MONTHS for r in (0, 48) for c in (0, 48))
     s2 = read(out["s2"])[0]
     exp = s2_expected(cat, [1, 5])
     for b in ("B04", "B08", "B11"):

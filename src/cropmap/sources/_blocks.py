@@ -1,10 +1,13 @@
 """Resumable block downloads and atomic stack writes, shared by the real-data sources.
 
-A fetch splits a modality into blocks (one time step x one spatial tile). Each finished block is
-saved atomically as ``raw_dir/.parts/{modality}/{key}.npy`` and skipped on a rerun; a manifest
-with a fingerprint of the request (grid, months, source options) makes sure parts of a different
-request are never mixed in. When every block is there the stack is written to a temporary file
+A fetch splits a modality into parts: one *step* (a month, or ``static``) x one spatial *block*
+of the grid (:class:`Block`). Each finished part is saved atomically as
+``raw_dir/.parts/{modality}/{step}_{block key}.npy`` and skipped on a rerun; a manifest with a
+fingerprint of the request (grid, months, source options) makes sure parts of a different
+request are never mixed in. When every part is there the stack is written to a temporary file
 and renamed to ``raw_dir/{modality}.tif``, so a half-written stack never exists.
+:func:`fetch_parts` and :func:`write_parts` are that loop; a source only says how to fetch
+one part.
 """
 
 from __future__ import annotations
@@ -13,7 +16,8 @@ import contextlib
 import json
 import logging
 import shutil
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,15 +25,16 @@ import numpy as np
 import rasterio
 from rasterio.windows import Window
 
-from cropmap.grid import Grid, pixel_windows
+from cropmap.errors import SourceError
+from cropmap.grid import Grid, pixel_windows, window_key
 from cropmap.io import atomic_path, fingerprint
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class Tile:
-    """A window of the grid: top-left ``(row, col)`` and size in pixels."""
+class Block:
+    """A fetch block: a window of the grid, top-left ``(row, col)`` and size in pixels."""
 
     row: int
     col: int
@@ -38,22 +43,23 @@ class Tile:
 
     @property
     def key(self) -> str:
-        return f"r{self.row}_c{self.col}"
+        """``r000123_c000456`` (:func:`cropmap.grid.window_key`)."""
+        return window_key(self.row, self.col)
 
     @property
     def window(self) -> Window:
         return Window(self.col, self.row, self.width, self.height)
 
     def bounds(self, grid: Grid, halo: int = 0) -> tuple[float, float, float, float]:
-        """``(xmin, ymin, xmax, ymax)`` of the tile in grid CRS units, grown by ``halo`` pixels."""
+        """``(xmin, ymin, xmax, ymax)`` of the block in grid CRS units, grown by ``halo`` pixels."""
         x0 = grid.xmin + (self.col - halo) * grid.res
         y1 = grid.ymax - (self.row - halo) * grid.res
         return (x0, y1 - (self.height + 2 * halo) * grid.res, x0 + (self.width + 2 * halo) * grid.res, y1)
 
 
-def iter_tiles(grid: Grid, size: int) -> list[Tile]:
-    """Tiles of at most ``size`` x ``size`` pixels covering the grid, row-major."""
-    return [Tile(*w) for w in pixel_windows(grid, max(1, int(size)))]
+def iter_blocks(grid: Grid, size: int) -> list[Block]:
+    """Blocks of at most ``size`` x ``size`` pixels covering the grid, row-major."""
+    return [Block(*w) for w in pixel_windows(grid, max(1, int(size)))]
 
 
 class PartStore:
@@ -119,7 +125,7 @@ def write_stack(
     path: Path,
     grid: Grid,
     descriptions: list[str],
-    blocks: Iterable[tuple[int, Tile, np.ndarray]],
+    blocks: Iterable[tuple[int, Block, np.ndarray]],
     tags: dict[str, str] | None = None,
 ) -> None:
     """Write a float32 NaN-nodata stack on ``grid`` atomically, block by block.
@@ -128,17 +134,99 @@ def write_stack(
         path: the stack to write.
         grid: the region grid.
         descriptions: band descriptions, in band order.
-        blocks: ``(first_band_index, tile, array[bands, h, w])``; together they cover every
+        blocks: ``(first_band_index, block, array[bands, h, w])``; together they cover every
             band and pixel.
         tags: dataset tags (source, collections); never secrets.
     """
     prof = grid.profile(len(descriptions))
     with atomic_path(Path(path)) as tmp, rasterio.open(tmp, "w", **prof) as dst:
-        for first, tile, arr in blocks:
+        for first, block, arr in blocks:
             arr = np.asarray(arr, dtype=np.float32)
             idx = list(range(first + 1, first + 1 + arr.shape[0]))
-            dst.write(arr, idx, window=tile.window)
+            dst.write(arr, idx, window=block.window)
         for i, d in enumerate(descriptions, start=1):
             dst.set_band_description(i, d)
         if tags:
             dst.update_tags(**tags)
+
+
+def part_key(step: str, block: Block) -> str:
+    """Name of one part: ``{step}_{block key}``, e.g. ``2023-05_r000000_c000512``."""
+    return f"{step}_{block.key}"
+
+
+def fetch_parts(
+    steps: Sequence[str],
+    blocks: Sequence[Block],
+    parts: PartStore,
+    fetch: Callable[[str, Block], np.ndarray],
+    *,
+    source: str,
+    workers: int = 1,
+) -> None:
+    """Fetch every (step, block) part that ``parts`` lacks (the loop of every remote source).
+
+    Args:
+        steps: the time steps (months, or ``["static"]``).
+        blocks: the spatial blocks (:func:`iter_blocks`).
+        parts: where finished parts are kept (:class:`PartStore` of this request).
+        fetch: ``fetch(step, block)`` -> ``float32 [bands, h, w]`` of one part (NaN = no data).
+        source: the source's name, for logs and errors.
+        workers: parts fetched at once (threads).
+
+    Raises:
+        SourceError: a part failed; the parts finished so far are kept, so a rerun resumes.
+    """
+    modality = parts.root.name
+    pending = [(s, b) for s in steps for b in blocks if not parts.done(part_key(s, b))]
+    total = len(steps) * len(blocks)
+    log.info("%s: %s: %d blocks, %d to fetch, %d kept from an earlier run",
+             source, modality, total, len(pending), total - len(pending))
+
+    def job(step: str, block: Block) -> None:
+        parts.save(part_key(step, block), fetch(step, block))
+
+    error: BaseException | None = None
+    if workers <= 1:
+        for step, block in pending:
+            try:
+                job(step, block)
+            except Exception as exc:
+                error = exc
+                break
+    elif pending:
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"{source}-block") as pool:
+            futures = [pool.submit(job, *p) for p in pending]
+            done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+            errors = [f.exception() for f in done if f.exception() is not None]
+            if errors:
+                for f in futures:
+                    f.cancel()
+                wait(futures)
+                error = errors[0]
+    if error is not None:
+        kept = sum(parts.done(part_key(s, b)) for s in steps for b in blocks)
+        raise SourceError(f"{source} {modality}: {error} ({kept}/{total} blocks kept in {parts.root}; "
+                          "rerun to resume)") from error
+
+
+def write_parts(path: Path, grid: Grid, descriptions: list[str], steps: Sequence[str], blocks: Sequence[Block],
+                parts: PartStore, tags: dict[str, str] | None = None) -> None:
+    """Write the stack from the parts :func:`fetch_parts` finished (atomic), then drop the parts.
+
+    Args:
+        path: the stack (``raw_dir/{modality}.tif``).
+        grid: the region grid.
+        descriptions: band descriptions, time-major: ``len(descriptions) / len(steps)`` per step.
+        steps, blocks, parts: as given to :func:`fetch_parts`.
+        tags: dataset tags (never secrets).
+    """
+    n_bands = len(descriptions) // len(steps)
+
+    def assembled() -> Iterable[tuple[int, Block, np.ndarray]]:
+        for i, step in enumerate(steps):
+            for block in blocks:
+                yield i * n_bands, block, parts.load(part_key(step, block))
+
+    write_stack(path, grid, descriptions, assembled(), tags)
+    parts.remove()

@@ -2,7 +2,7 @@
 
 ``fetch_earthengine`` builds monthly composites server-side with the real ``earthengine-api``
 client and downloads them with ``ee.data.computePixels`` (NPY) straight onto the region grid
-(its CRS and affine transform), one block per (month, tile):
+(its CRS and affine transform), one block per (month, grid block):
 
 - ``s2``: ``COPERNICUS/S2_SR_HARMONIZED`` masked with Cloud Score+
   (``GOOGLE/CLOUD_SCORE_PLUS/V1/S2_HARMONIZED``, band ``cs`` >= ``cloud_score_threshold``),
@@ -35,7 +35,6 @@ import re
 import threading
 import time
 from collections.abc import Sequence
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,7 +44,14 @@ import numpy as np
 from cropmap.errors import ConfigError, SourceError
 from cropmap.grid import Grid
 from cropmap.modalities import BANDS, TEMPORAL, band_descriptions
-from cropmap.sources._blocks import PartStore, Tile, iter_tiles, stack_is_complete, write_stack
+from cropmap.sources._blocks import (
+    Block,
+    PartStore,
+    fetch_parts,
+    iter_blocks,
+    stack_is_complete,
+    write_parts,
+)
 from cropmap.sources._http import RETRY_STATUS, Backoff, retry_after_seconds
 
 log = logging.getLogger(__name__)
@@ -369,24 +375,24 @@ def dem_image(cfg: EEConfig, region):
 # Download
 # --------------------------------------------------------------------------------------------
 def block_side(n_bands: int, cfg: EEConfig) -> int:
-    """Largest tile side (multiple of 16) whose float32 response fits ``max_request_bytes``."""
+    """Largest block side (multiple of 16) whose float32 response fits ``max_request_bytes``."""
     side = int(math.sqrt(cfg.max_request_bytes / (4.0 * max(1, n_bands))))
     side = min(side, cfg.block_size, MAX_SIDE)
     return max(16, side // 16 * 16)
 
 
-def pixel_grid(grid: Grid, tile: Tile) -> dict:
-    """computePixels ``grid`` (PixelGrid) of a tile: the region grid's CRS and affine."""
-    x0, _, _, y1 = tile.bounds(grid)
+def pixel_grid(grid: Grid, block: Block) -> dict:
+    """computePixels ``grid`` (PixelGrid) of a block: the region grid's CRS and affine."""
+    x0, _, _, y1 = block.bounds(grid)
     crs_key = "crsCode" if re.fullmatch(r"[A-Za-z]+:\d+", grid.crs) else "crsWkt"
     return {
-        "dimensions": {"width": tile.width, "height": tile.height},
+        "dimensions": {"width": block.width, "height": block.height},
         "affineTransform": {"scaleX": grid.res, "shearX": 0.0, "translateX": x0, "shearY": 0.0, "scaleY": -grid.res, "translateY": y1},
         crs_key: grid.crs,
     }
 
 
-def _compute_block(image, names: list[str], grid: Grid, tile: Tile) -> np.ndarray:
+def _compute_block(image, names: list[str], grid: Grid, block: Block) -> np.ndarray:
     import ee
 
     try:
@@ -394,14 +400,14 @@ def _compute_block(image, names: list[str], grid: Grid, tile: Tile) -> np.ndarra
             "expression": image,
             "fileFormat": "NUMPY_NDARRAY",
             "bandIds": names,
-            "grid": pixel_grid(grid, tile),
+            "grid": pixel_grid(grid, block),
         })
     except ee.EEException as e:
-        raise SourceError(f"computePixels failed for bands {names[0]}..{names[-1]} at tile {tile.key}: {e}") from e
+        raise SourceError(f"computePixels failed for bands {names[0]}..{names[-1]} at block {block.key}: {e}") from e
     except ConnectionError as e:
-        raise SourceError(f"computePixels unreachable for tile {tile.key}: {e}") from e
-    if arr.shape != (tile.height, tile.width):
-        raise SourceError(f"computePixels returned {arr.shape} for a {tile.height}x{tile.width} tile")
+        raise SourceError(f"computePixels unreachable for block {block.key}: {e}") from e
+    if arr.shape != (block.height, block.width):
+        raise SourceError(f"computePixels returned {arr.shape} for a {block.height}x{block.width} block")
     out = np.stack([np.asarray(arr[n], dtype=np.float32) for n in names])
     out[out == np.float32(FILL)] = np.nan
     return out
@@ -452,47 +458,23 @@ def fetch_earthengine(
 
 def _fetch_modality(cfg: EEConfig, modality: str, grid: Grid, months: list[str], region, path: Path) -> Path:
     desc = band_descriptions(modality, months)
-    if TEMPORAL[modality]:
-        groups = [(mo, band_descriptions(modality, [mo])) for mo in months]
-    else:
-        groups = [("static", desc)]
-    n_bands = len(groups[0][1])
-    side = block_side(n_bands, cfg)
-    tiles = iter_tiles(grid, side)
+    steps = list(months) if TEMPORAL[modality] else ["static"]
+    side = block_side(len(desc) // len(steps), cfg)
     request = {
         "source": "earthengine", "api_url": cfg.api_url, "project": cfg.project, "modality": modality,
         "grid": grid.to_dict(), "months": list(months), "side": side,
         "collections": {k: v for k, v in cfg.collections.items()},
         "cloud_score": [cfg.cloud_score_band, cfg.cloud_score_threshold], "max_cloud": cfg.max_cloud, "orbit": cfg.orbit,
     }
-    parts = PartStore(path.parent, modality, request)
-    images = {g: (month_image(cfg, modality, region, g) if g != "static" else dem_image(cfg, region)) for g, _ in groups}
-    pending = [(g, names, t) for g, names in groups for t in tiles if not parts.done(f"{g}_{t.key}")]
-    total = len(groups) * len(tiles)
-    log.info("earthengine: %s: %d blocks of %d px, %d to fetch, %d kept from an earlier run",
-             modality, total, side, len(pending), total - len(pending))
+    images = {s: (month_image(cfg, modality, region, s) if s != "static" else dem_image(cfg, region)) for s in steps}
 
-    def job(g: str, names: list[str], t: Tile) -> None:
-        parts.save(f"{g}_{t.key}", _compute_block(images[g], names, grid, t))
-
-    if pending:
-        with ThreadPoolExecutor(max_workers=cfg.workers, thread_name_prefix="ee-block") as pool:
-            futures = [pool.submit(job, *p) for p in pending]
-            done, _ = wait(futures, return_when=FIRST_EXCEPTION)
-            errors = [f.exception() for f in done if f.exception() is not None]
-            if errors:
-                for f in futures:
-                    f.cancel()
-                wait(futures)
-                finished = sum(parts.done(f"{g}_{t.key}") for g, _, t in ((g, n, t) for g, n in groups for t in tiles))
-                raise SourceError(f"earthengine {modality}: {errors[0]} ({finished}/{total} blocks kept in {parts.root}; rerun to resume)") from errors[0]
-
-    def blocks():
-        for gi, (g, _) in enumerate(groups):
-            for t in tiles:
-                yield gi * n_bands, t, parts.load(f"{g}_{t.key}")
+    def fetch(step: str, block: Block) -> np.ndarray:
+        names = band_descriptions(modality, [step]) if step != "static" else desc
+        return _compute_block(images[step], names, grid, block)
 
     tags = {"source": "earthengine", "collections": json.dumps({k: v for k, v in cfg.collections.items() if k == modality or (modality == "s2" and k == "cloud_score")})}
-    write_stack(path, grid, desc, blocks(), tags)
-    parts.remove()
+    blocks = iter_blocks(grid, side)
+    parts = PartStore(path.parent, modality, request)
+    fetch_parts(steps, blocks, parts, fetch, source="earthengine", workers=cfg.workers)
+    write_parts(path, grid, desc, steps, blocks, parts, tags)
     return path
