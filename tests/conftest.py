@@ -10,7 +10,8 @@ import torch
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-REALDATA = ROOT.parent / "shared" / "realdata"
+#: Real Earth-observation files the tests read (origin and licence: tests/data/README.md).
+REALDATA = ROOT / "tests" / "data" / "realdata"
 
 # Two cores on CI: keep every test single-threaded so parallel work does not oversubscribe.
 torch.set_num_threads(1)

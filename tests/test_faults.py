@@ -452,7 +452,6 @@ def test_credentials_never_reach_logs_reports_or_map_metadata(base: Path) -> Non
 
 def test_invalid_service_account_key_is_named_not_echoed(base: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
                                                          caplog: pytest.LogCaptureFixture) -> None:
-    pytest.importorskip("ee")
     key = secret_key_path(base)
     cfg = fault_config(tmp_path, key)
     cfg["regions"][REGION]["source"] = "earthengine"

@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 
 from cropmap.compare import TABLE_COLUMNS, summarise
+from cropmap.models import methods_for
 from cropmap.tables import (
     CROPHARVEST_ORDER,
     DAYS_PER_MONTH,
@@ -21,8 +22,8 @@ from cropmap.tables import (
     spatial_split,
     worldcereal_months,
 )
+from tests.conftest import REALDATA
 
-REALDATA = Path(__file__).resolve().parents[1].parent / "shared" / "realdata"
 S2 = ["B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B11", "B12"]
 RES = {"B02": 10, "B03": 10, "B04": 10, "B08": 10}
 
@@ -149,7 +150,8 @@ def test_cropharvest_npz_band_order_and_units(tmp_path: Path) -> None:
 
 
 def test_cropharvest_h5_same_keys(tmp_path: Path) -> None:
-    h5py = pytest.importorskip("h5py")
+    import h5py
+
     npz = tmp_path / "ch.npz"
     cropharvest_npz(npz)
     d = np.load(npz)
@@ -161,10 +163,6 @@ def test_cropharvest_h5_same_keys(tmp_path: Path) -> None:
     assert [c["name"] for c in classes] == ["class_0", "class_1"]
 
 
-needs_realdata = pytest.mark.skipif(not REALDATA.is_dir(), reason=f"real test files not found at {REALDATA} (../shared/realdata beside the project)")
-
-
-@needs_realdata
 def test_real_worldcereal_uganda() -> None:
     s, classes = load_worldcereal(REALDATA / "worldcereal_uganda_2017_extractions.parquet")
     assert len(s) == 500 and sum(c["n"] for c in classes) == 500 and (s.y >= 0).all()
@@ -186,7 +184,6 @@ def test_real_worldcereal_uganda() -> None:
         assert len(np.unique(s.split[groups == g])) == 1
 
 
-@needs_realdata
 def test_real_cropharvest_export_plausible() -> None:
     s, classes = load_cropharvest(REALDATA / "cropharvest_togo_ee_export.tif")
     assert classes == [] and len(s) == 17 * 17 and (s.y == -100).all()
@@ -216,9 +213,7 @@ def test_compare_table_rows(tmp_path: Path) -> None:
 
 
 def test_compare_table_refuses_chip_only_methods(tmp_path: Path) -> None:
-    factory = pytest.importorskip("cropmap.models.factory")
-    if not hasattr(factory, "methods_for") or "imt" not in factory.METHODS:
-        pytest.skip("no segmentation-only method registered")
+    assert "imt" not in methods_for("classification")
     p = tmp_path / "wc.parquet"
     wide_table().to_parquet(p)
     s, classes = load_worldcereal(p, min_samples=5)
