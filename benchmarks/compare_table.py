@@ -30,7 +30,7 @@ def main() -> None:
     import torch
 
     from cropmap.compare import heatmap, summarise
-    from cropmap.models.factory import methods_for
+    from cropmap.models import methods_for
     from cropmap.tables import class_counts, compare_table, load_worldcereal, worldcereal_months
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

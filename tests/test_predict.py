@@ -14,7 +14,7 @@ from cropmap import predict
 from cropmap.availability import presence_stack
 from cropmap.grid import Grid, tile_window, tiles
 from cropmap.modalities import MODALITIES, band_descriptions
-from cropmap.models.factory import methods_for
+from cropmap.models import methods_for
 from cropmap.predict import Predictor, hann, optimize_for_inference, prefetch, read_window
 from cropmap.tiles import to_time_series
 from cropmap.train import CoLearningModule, TrainSettings, load_bundle, save_bundle

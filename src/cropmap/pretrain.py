@@ -32,7 +32,9 @@ from torch.utils.data import DataLoader
 from cropmap.grid import Grid
 from cropmap.io import atomic_path
 from cropmap.modalities import BANDS
-from cropmap.models.imt import IMTPretrainer, build_encoder, flat_channels, imt_config
+from cropmap.models.imt import build_encoder, imt_config
+from cropmap.models.imt_pretrain import IMTPretrainer
+from cropmap.models.spatial import flat_channels
 from cropmap.normalize import Normalizer, fit_stats
 from cropmap.tiles import ChipDataset
 

@@ -493,7 +493,7 @@ def compare_table(samples: PixelSamples, classes: list[dict], methods: Sequence[
     from cropmap.train import TrainSettings, fit_pixels
 
     out_dir = Path(out_dir)
-    from cropmap.models.factory import methods_for
+    from cropmap.models import methods_for
 
     pixel_methods = methods_for("classification")  # imt, gemmnet need chips: refuse before training
     wrong = [m for m in methods if m not in pixel_methods]

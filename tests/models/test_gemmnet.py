@@ -7,7 +7,8 @@ import torch
 
 from cropmap.errors import ConfigError, UnknownNameError
 from cropmap.models import build_model
-from cropmap.models.gemmnet import GEMMNet, dice_loss
+from cropmap.models.gemmnet import GEMMNet
+from cropmap.models.losses import dice_loss
 from tests.models.conftest import checker_chips
 
 MODS = ("s2", "s1", "weather", "dem")

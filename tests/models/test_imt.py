@@ -9,14 +9,8 @@ import torch
 
 from cropmap.errors import ConfigError
 from cropmap.models import build_model
-from cropmap.models.imt import (
-    IMT,
-    BiLSTMAttention,
-    IMTPretrainer,
-    attention_mask,
-    multimae_allocate,
-    multimae_mask,
-)
+from cropmap.models.imt import IMT, BiLSTMAttention, attention_mask
+from cropmap.models.imt_pretrain import IMTPretrainer, multimae_allocate, multimae_mask
 from tests.models.conftest import checker_chips
 
 MODS = ("s2", "s1", "weather", "dem")

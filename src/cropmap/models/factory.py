@@ -5,30 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from cropmap.errors import UnknownNameError
-from cropmap.models import gemmnet, imt  # noqa: F401  (they add themselves to REGISTRY)
-from cropmap.models.methods import REGISTRY, CoLearningModel, Task
-
-#: Valid method names, in the order of the seeds' tables.
-METHODS: tuple[str, ...] = (
-    "fullco",
-    "comiss",
-    "mdico",
-    "dsensd",
-    "fcom_av",
-    "moddrop",
-    "input_fusion",
-    "feature_fusion",
-    "unimodal",
-    "imt",
-    "gemmnet",
-)
-assert set(METHODS) == set(REGISTRY)
-
-
-def methods_for(task: Task) -> tuple[str, ...]:
-    """Methods that support ``task`` (``imt`` and ``gemmnet`` are segmentation-only)."""
-    return tuple(m for m in METHODS if task in getattr(REGISTRY[m], "tasks", ("classification", "segmentation")))
+from cropmap.models.base import CoLearningModel
+from cropmap.models.registry import Task, method_class
 
 
 def build_model(
@@ -47,7 +25,7 @@ def build_model(
     """Build a multi-modal model by method name.
 
     Args:
-        method: one of :data:`METHODS`.
+        method: a registered method (:data:`cropmap.models.METHODS`).
         task: ``"classification"`` (pixel time series ``[B, T, C]``, static ``[B, C]``) or
             ``"segmentation"`` (chips ``[B, T*C, H, W]``, static ``[B, C, H, W]``).
         modalities: subset of ``("s2", "s1", "weather", "dem")``; order of the mask's M axis.
@@ -64,13 +42,10 @@ def build_model(
             comiss), ``temperature`` (NT-Xent: mdico).
 
     Raises:
-        UnknownNameError: unknown method (the message lists :data:`METHODS`), task, head,
+        UnknownNameError: unknown method (the message lists the registered ones), task, head,
             modality or encoder.
     """
-    key = method.strip().lower() if isinstance(method, str) else method
-    if key not in REGISTRY:
-        raise UnknownNameError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
-    return REGISTRY[key](
+    return method_class(method)(
         task=task,
         modalities=modalities,
         in_channels=in_channels,

@@ -1,4 +1,10 @@
-"""``gemmnet``: Generative-Enhanced MultiModal learning Network (Kieu et al., seed 004), chips only.
+"""``gemmnet``: Generative-Enhanced MultiModal learning Network for chip segmentation.
+
+Paper: N. Kieu, K. Nguyen, A. Wiliem, C. Fookes and S. Sridharan (2025), *Filling the gaps: a
+multitask hybrid multiscale generative framework for missing modality in remote sensing semantic
+segmentation* (``docs/methods.md`` lists the losses and what cropmap changed). The building
+blocks (HyFEx encoder and generator, PatchGAN, decoder) are in
+:mod:`cropmap.models.gemmnet_blocks`.
 
 Components (paper section 3 and the authors' code, ``nhikieu/GEMMNet``), generalised from the
 paper's two modalities (RGIR, nDSM) to any number:
@@ -55,22 +61,32 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cropmap.errors import UnknownNameError
-from cropmap.models.imt import (
+from cropmap.models.base import Batch, CoLearningModel, Output
+from cropmap.models.gemmnet_blocks import (
+    HyFExEncoder,
+    HyFExGenerator,
+    PatchDiscriminator,
+    UNetDecoder,
+    conv_block,
+)
+from cropmap.models.losses import dice_loss
+from cropmap.models.registry import register_method
+from cropmap.models.spatial import (
     Block,
     complete_inputs,
     flat_channels,
+    group_norm,
     pad_to,
     segmentation_only,
     sincos_2d,
 )
-from cropmap.models.methods import REGISTRY, Batch, CoLearningModel, Output
 
 #: Size presets: ``base`` is the authors' code (BASIC_DIMS 8, transformer 256 / 8 heads / MLP
 #: 512, generator gf 32, discriminator df 64); ``tiny`` is for CPU tests.
@@ -82,182 +98,6 @@ GENERATORS: tuple[str, ...] = ("ae", "cgan")
 L1_LAMBDA = 100.0
 
 
-def _gn(c: int) -> nn.GroupNorm:
-    return nn.GroupNorm(max(1, c // 8) if c % 8 == 0 else 1, c)
-
-
-def _conv(c_in: int, c_out: int, stride: int = 1) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1), _gn(c_out), nn.LeakyReLU(0.2)
-    )
-
-
-class _Res(nn.Module):
-    def __init__(self, c: int):
-        super().__init__()
-        self.body = nn.Sequential(_conv(c, c), _conv(c, c))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return x + self.body(x)
-
-
-class TokenTransformer(nn.Module):
-    """1x1 conv to ``tdim`` tokens + 2-D sin-cos positions -> one block -> 1x1 conv back (residual)."""
-
-    def __init__(self, c: int, tdim: int, heads: int, c_out: int | None = None):
-        super().__init__()
-        self.tdim = tdim
-        self.to_tok = nn.Conv2d(c, tdim, 1)
-        self.block = Block(tdim, heads, mlp_ratio=2.0)
-        self.from_tok = nn.Conv2d(tdim, c_out or c, 1)
-
-    def tokens(self, x: Tensor) -> Tensor:
-        h, w = x.shape[-2:]
-        return self.to_tok(x).flatten(2).transpose(1, 2) + sincos_2d(h, w, self.tdim, x.device).to(
-            x.dtype
-        )
-
-    def forward(self, x: Tensor) -> Tensor:
-        b, _, h, w = x.shape
-        t = self.block(self.tokens(x))
-        return self.from_tok(t.transpose(1, 2).reshape(b, self.tdim, h, w))
-
-
-class HyFExEncoder(nn.Module):
-    """Five-level conv encoder with a transformer at the bottleneck -> ``[x1, ..., x5]``.
-
-    ``x_i`` has ``width * 2^(i-1)`` channels at ``1 / 2^(i-1)`` resolution (H, W multiples of 16).
-    """
-
-    def __init__(self, c_in: int, width: int, tdim: int, heads: int):
-        super().__init__()
-        ws = [width * 2**i for i in range(5)]
-        self.widths = ws
-        self.stem = nn.Conv2d(c_in, ws[0], 3, padding=1)
-        self.levels = nn.ModuleList(
-            [_Res(ws[0])]
-            + [nn.Sequential(_conv(ws[i - 1], ws[i], 2), _Res(ws[i])) for i in range(1, 5)]
-        )
-        self.attn = TokenTransformer(ws[4], tdim, heads)
-
-    def forward(self, x: Tensor) -> list[Tensor]:
-        feats, h = [], self.stem(x)
-        for level in self.levels:
-            h = level(h)
-            feats.append(h)
-        feats[4] = feats[4] + self.attn(feats[4])
-        return feats
-
-
-class HyFExGenerator(nn.Module):
-    """Pix2Pix-style U-Net generator to 1/16 with a one-layer transformer bottleneck (authors' code)."""
-
-    def __init__(self, c_in: int, c_out: int, gf: int, tdim: int, heads: int):
-        super().__init__()
-        self.e1 = nn.Conv2d(c_in, gf, 4, 2, 1)
-        self.e2 = nn.Sequential(nn.Conv2d(gf, 2 * gf, 4, 2, 1), _gn(2 * gf))
-        self.e3 = nn.Sequential(nn.Conv2d(2 * gf, 4 * gf, 4, 2, 1), _gn(4 * gf))
-        self.e4 = nn.Conv2d(4 * gf, 8 * gf, 4, 2, 1)
-        self.tdim = tdim
-        self.to_tok = nn.Conv2d(8 * gf, tdim, 1)
-        self.block = Block(tdim, heads, mlp_ratio=2.0)
-        self.d1 = nn.Sequential(nn.ConvTranspose2d(tdim, 4 * gf, 4, 2, 1), _gn(4 * gf))
-        self.d2 = nn.Sequential(nn.ConvTranspose2d(8 * gf, 2 * gf, 4, 2, 1), _gn(2 * gf))
-        self.d3 = nn.Sequential(nn.ConvTranspose2d(4 * gf, gf, 4, 2, 1), _gn(gf))
-        self.d4 = nn.ConvTranspose2d(2 * gf, c_out, 4, 2, 1)
-
-    def forward(self, x: Tensor) -> Tensor:
-        """``[B, c_in, H, W]`` (H, W multiples of 16) -> ``[B, c_out, H, W]``."""
-        lr = F.leaky_relu
-        e1 = self.e1(x)
-        e2 = self.e2(lr(e1, 0.2))
-        e3 = self.e3(lr(e2, 0.2))
-        e4 = self.e4(lr(e3, 0.2))
-        b, _, h, w = e4.shape
-        t = self.to_tok(e4).flatten(2).transpose(1, 2)
-        t = self.block(t + sincos_2d(h, w, self.tdim, x.device).to(t.dtype))
-        t = t.transpose(1, 2).reshape(b, self.tdim, h, w)
-        d1 = torch.cat([self.d1(F.relu(t)), e3], 1)
-        d2 = torch.cat([self.d2(F.relu(d1)), e2], 1)
-        d3 = torch.cat([self.d3(F.relu(d2)), e1], 1)
-        return self.d4(F.relu(d3))
-
-
-class PatchDiscriminator(nn.Module):
-    """Conditional PatchGAN: ``[condition, target]`` -> patch logits ``[B, 1, H/8, W/8]``."""
-
-    def __init__(self, c_in: int, df: int):
-        super().__init__()
-        self.net = nn.Sequential(
-            nn.Conv2d(c_in, df, 4, 2, 1),
-            nn.LeakyReLU(0.2),
-            nn.Conv2d(df, 2 * df, 4, 2, 1),
-            _gn(2 * df),
-            nn.LeakyReLU(0.2),
-            nn.Conv2d(2 * df, 4 * df, 4, 2, 1),
-            _gn(4 * df),
-            nn.LeakyReLU(0.2),
-            nn.Conv2d(4 * df, 8 * df, 3, 1, 1),
-            _gn(8 * df),
-            nn.LeakyReLU(0.2),
-            nn.Conv2d(8 * df, 1, 3, 1, 1),
-        )
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)
-
-
-class UNetDecoder(nn.Module):
-    """UNet-like decoder over five feature levels -> logits at full resolution."""
-
-    def __init__(self, widths: Sequence[int], n_out: int):
-        super().__init__()
-        ws = list(widths)
-        self.up = nn.ModuleList(_conv(ws[i], ws[i - 1]) for i in range(4, 0, -1))
-        self.merge = nn.ModuleList(_conv(2 * ws[i - 1], ws[i - 1]) for i in range(4, 0, -1))
-        self.head = nn.Conv2d(ws[0], n_out, 1)
-
-    def forward(self, feats: Sequence[Tensor]) -> Tensor:
-        h = feats[4]
-        for k, (up, merge) in enumerate(zip(self.up, self.merge, strict=True)):
-            skip = feats[3 - k]
-            h = up(F.interpolate(h, size=skip.shape[-2:], mode="bilinear", align_corners=False))
-            h = merge(torch.cat([h, skip], 1))
-        return self.head(h)
-
-
-def dice_loss(kind: str, logits: Tensor, y: Tensor, valid: Tensor, smooth: float = 1.0) -> Tensor:
-    """Soft Dice ``1 - mean_k (2 sum p_k y_k + s) / (sum p_k + sum y_k + s)`` over valid pixels.
-
-    ``multiclass``: softmax probabilities vs one-hot ids (``-100`` ignored); ``binary``: the two
-    classes of a sigmoid; ``multilabel``: per-label sigmoid vs multi-hot ``y [B, K, H, W]``
-    (negative ignored); ``regression``: 0 (no Dice).
-    """
-    zero = logits.sum() * 0.0
-    if kind == "regression":
-        return zero
-    logits = logits.float()
-    if kind == "multilabel":
-        ok = (y >= 0) & valid[:, None]
-        p, t = torch.sigmoid(logits), y.clamp(min=0).to(logits.dtype)
-    else:
-        ok1 = valid & (y >= 0)
-        if kind == "binary":
-            q = torch.sigmoid(logits[:, 0])
-            p = torch.stack([1 - q, q], 1)
-            t = F.one_hot(y.clamp(0, 1).long(), 2).permute(0, 3, 1, 2).to(p.dtype)
-        else:
-            p = torch.softmax(logits, 1)
-            t = F.one_hot(y.clamp(min=0).long(), logits.shape[1]).permute(0, 3, 1, 2).to(p.dtype)
-        ok = ok1[:, None].expand_as(p)
-    if not bool(ok.any()):
-        return zero
-    w = ok.to(p.dtype)
-    inter = (p * t * w).sum((0, 2, 3))
-    den = (p * w).sum((0, 2, 3)) + (t * w).sum((0, 2, 3))
-    return 1.0 - ((2 * inter + smooth) / (den + smooth)).mean()
-
-
 def _bce(logits: Tensor, target: float, valid: Tensor) -> Tensor:
     """Mean BCE-with-logits against a constant target over valid patches."""
     if not bool(valid.any()):
@@ -266,8 +106,9 @@ def _bce(logits: Tensor, target: float, valid: Tensor) -> Tensor:
     return F.binary_cross_entropy_with_logits(logits[valid], t[valid])
 
 
+@register_method("gemmnet", tasks=("segmentation",))
 class GEMMNet(CoLearningModel):
-    """GEMMNet for chip segmentation (see the module docstring).
+    """GEMMNet (Kieu et al. 2025): generators impute missing modalities; multiscale hybrid fusion.
 
     Terms of ``loss``: ``fused``, ``scales``, ``modal``, ``rec`` and ``disc`` (0 for ``ae``) and
     ``total``, their unweighted sum; segmentation terms cover pixels with a kept modality.
@@ -292,8 +133,6 @@ class GEMMNet(CoLearningModel):
         UnknownNameError: unknown generator kind or preset.
     """
 
-    method = "gemmnet"
-    tasks: ClassVar[tuple[str, ...]] = ("segmentation",)
 
     def __init__(
         self,
@@ -361,7 +200,7 @@ class GEMMNet(CoLearningModel):
             else {}
         )
         self.fuse = nn.ModuleList(
-            nn.Sequential(nn.Conv2d(n_mod * w, w, 1), _gn(w), nn.LeakyReLU(0.2), _conv(w, w))
+            nn.Sequential(nn.Conv2d(n_mod * w, w, 1), group_norm(w), nn.LeakyReLU(0.2), conv_block(w, w))
             for w in ws[:4]
         )
         t = cfg["tdim"]
@@ -369,7 +208,7 @@ class GEMMNet(CoLearningModel):
         self.mod_embed = nn.Parameter(torch.zeros(n_mod, t))
         nn.init.trunc_normal_(self.mod_embed, std=0.02)
         self.bott_block = Block(t, cfg["heads"], mlp_ratio=2.0)
-        self.bott_out = nn.Sequential(nn.Conv2d(n_mod * t, ws[4], 1), _gn(ws[4]), nn.LeakyReLU(0.2))
+        self.bott_out = nn.Sequential(nn.Conv2d(n_mod * t, ws[4], 1), group_norm(ws[4]), nn.LeakyReLU(0.2))
         self.decoder = UNetDecoder(ws, self.n_out)
         self.scale_heads = nn.ModuleList(nn.Conv2d(w, self.n_out, 1) for w in ws[:4])
         self.sep_decoder = UNetDecoder(ws, self.n_out)
@@ -518,6 +357,3 @@ class GEMMNet(CoLearningModel):
         ).sum()
         rec, disc = self._rec_terms(out)
         return {"fused": fused, "scales": scales, "modal": modal, "rec": rec, "disc": disc}
-
-
-REGISTRY[GEMMNet.method] = GEMMNet  # listed in cropmap.models.factory.METHODS

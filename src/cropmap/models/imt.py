@@ -1,4 +1,7 @@
-"""``imt``: incomplete multimodal transformer (Chen, Zhao & Bruzzone, seed 003), chips only.
+"""``imt``: incomplete multimodal transformer for chip segmentation.
+
+Paper: Y. Chen, M. Zhao and L. Bruzzone (2024), *Incomplete multimodal learning for remote
+sensing data fusion* (IEEE TGRS; ``docs/methods.md`` lists the losses and what cropmap changed).
 
 Architecture (paper, section III):
 
@@ -44,12 +47,8 @@ Masks and sizes:
   probability ``keep_prob``, never all dropped: :func:`~cropmap.models.fusion.moddrop_keep`);
   dropped modalities' tokens are left out of the fusion exactly like missing ones.
 
-Self-supervised pretraining (:class:`IMTPretrainer`, driven by :mod:`cropmap.pretrain`):
-MultiMAE masking with a Dirichlet(alpha) split of a fixed visible-token budget across modalities
-(:func:`multimae_mask`), one shallow transformer decoder per modality reconstructing the masked
-patches from the fusion tokens (MSE for s2/s1/weather, L1 for dem, masked tokens and present
-pixels only), and InfoNCE between each modality's global vector and the fusion vector (eq. 6),
-the global vectors coming from one masked cross-attention layer with learnable class tokens.
+Self-supervised pretraining of the encoder (MultiMAE masking, reconstruction and contrastive
+losses) is :class:`cropmap.models.imt_pretrain.IMTPretrainer`, driven by :mod:`cropmap.pretrain`;
 ``build_model("imt", ..., pretrained=path)`` loads the encoder weights when the file exists.
 """
 
@@ -59,7 +58,7 @@ import logging
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, ClassVar, cast
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -67,10 +66,18 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from cropmap.errors import ConfigError, UnknownNameError
-from cropmap.modalities import TEMPORAL
-from cropmap.models import losses as L
+from cropmap.models.base import Batch, CoLearningModel, Output
 from cropmap.models.fusion import moddrop_keep
-from cropmap.models.methods import REGISTRY, Batch, CoLearningModel, Output
+from cropmap.models.registry import register_method
+from cropmap.models.spatial import (
+    Block,
+    complete_inputs,
+    flat_channels,
+    group_norm,
+    pad_to,
+    segmentation_only,
+    sincos_2d,
+)
 
 log = logging.getLogger(__name__)
 
@@ -81,98 +88,6 @@ PRESETS: dict[str, dict[str, int]] = {
 }
 #: Format tag of the pretrained-encoder checkpoints written by :mod:`cropmap.pretrain`.
 CKPT_FORMAT = "cropmap.imt-encoder/1"
-#: Reconstruction loss per modality (paper eq. 5: L1 for heights, MSE for images).
-RECON_LOSS: dict[str, str] = {"s2": "mse", "s1": "mse", "weather": "mse", "dem": "l1"}
-
-
-# ====================================================================== helpers
-def segmentation_only(method: str, task: object) -> None:
-    """Refuse ``task="classification"`` for a chip-only method, naming the alternatives."""
-    if task != "classification":
-        return
-    others = [
-        name
-        for name, cls in REGISTRY.items()
-        if "classification" in getattr(cls, "tasks", ("classification",))
-    ]
-    raise ConfigError(
-        f"method {method!r} is a segmentation method (it needs chips with spatial context): set "
-        f"model.task: segmentation, or for task='classification' use one of {', '.join(others)}"
-    )
-
-
-def flat_channels(
-    in_channels: Mapping[str, int], n_steps: int, modalities: Sequence[str]
-) -> dict[str, int]:
-    """Input channels of each modality's chip: ``T * C`` (time-major) or ``C`` for static ones."""
-    return {m: int(in_channels[m]) * (int(n_steps) if TEMPORAL[m] else 1) for m in modalities}
-
-
-def pad_to(x: Tensor, mult: int) -> Tensor:
-    """Zero-pad the last two dims (bottom/right) up to a multiple of ``mult``."""
-    h, w = x.shape[-2:]
-    ph, pw = (-h) % mult, (-w) % mult
-    if ph == 0 and pw == 0:
-        return x
-    if x.dtype == torch.bool:
-        return F.pad(x.to(torch.uint8), (0, pw, 0, ph)).bool()
-    return F.pad(x, (0, pw, 0, ph))
-
-
-def complete_inputs(
-    xs: Mapping[str, Tensor], avail: Tensor, modalities: Sequence[str], dims: Mapping[str, int]
-) -> dict[str, Tensor]:
-    """Every modality as a zero-filled ``[B, C, H, W]`` tensor (zeros for keys absent from the batch)."""
-    b, _, h, w = avail.shape
-    ref = next(iter(xs.values()))
-    return {m: xs[m] if m in xs else ref.new_zeros(b, dims[m], h, w) for m in modalities}
-
-
-def prepare_chips(
-    batch: Batch, modalities: Sequence[str], dims: Mapping[str, int]
-) -> tuple[dict[str, Tensor], Tensor]:
-    """Chip batch -> (zero-filled inputs of every modality, per-pixel availability ``[B, M, H, W]``).
-
-    Same rules as :meth:`CoLearningModel._prepare` (NaN/inf -> 0, zero-fill where ``mask`` is
-    False, a modality absent from the batch is missing), for code that is not a model.
-    """
-    present = [m for m in modalities if batch.get(m) is not None]
-    if not present:
-        raise ValueError(f"batch holds none of the modalities {list(modalities)}")
-    ref = torch.as_tensor(batch[present[0]])
-    b, (h, w) = ref.shape[0], ref.shape[-2:]
-    mask = batch.get("mask")
-    if mask is None:
-        avail = torch.ones(b, len(modalities), h, w, dtype=torch.bool, device=ref.device)
-    else:
-        avail = torch.as_tensor(mask).to(device=ref.device, dtype=torch.bool)
-        if avail.dim() == 2:
-            avail = avail[:, :, None, None].expand(b, len(modalities), h, w)
-        avail = avail.clone()
-    xs = {}
-    for i, m in enumerate(modalities):
-        if m not in present:
-            avail[:, i] = False
-            continue
-        x = torch.nan_to_num(torch.as_tensor(batch[m]).float(), nan=0.0, posinf=0.0, neginf=0.0)
-        xs[m] = torch.where(avail[:, i : i + 1], x, torch.zeros((), device=x.device))
-    return complete_inputs(xs, avail, modalities, dims), avail
-
-
-def sincos_2d(gh: int, gw: int, dim: int, device: torch.device | None = None) -> Tensor:
-    """MAE 2-D sin-cos positions ``[gh * gw, dim]`` (half the channels for y, half for x)."""
-    if dim % 4:
-        raise ValueError(f"embedding dim {dim} must be a multiple of 4 for 2-D sin-cos positions")
-    d = dim // 4
-    omega = 1.0 / 10000 ** (torch.arange(d, dtype=torch.float32, device=device) / d)
-    y, x = torch.meshgrid(
-        torch.arange(gh, dtype=torch.float32, device=device),
-        torch.arange(gw, dtype=torch.float32, device=device),
-        indexing="ij",
-    )
-    oy = y.reshape(-1, 1) * omega
-    ox = x.reshape(-1, 1) * omega
-    return torch.cat([oy.sin(), oy.cos(), ox.sin(), ox.cos()], 1)
 
 
 def token_mask(avail_px: Tensor, patch: int) -> Tensor:
@@ -211,136 +126,6 @@ def attention_mask(tok_avail: Tensor, tok_fuse: Tensor) -> Tensor:
     is_fusion = (group == 0)[None, :, None]
     allowed = torch.where(is_fusion, key_fuse[:, None, :], same[None] & key_own[:, None, :])
     return allowed | torch.eye(len(group), dtype=torch.bool, device=dev)[None]
-
-
-def multimae_allocate(lam: Tensor, cap: Tensor, budget: Tensor) -> Tensor:
-    """Split a token budget across modalities in proportion to ``lam``, within capacities.
-
-    Args:
-        lam: ``[B, M]`` non-negative proportions (Dirichlet draws).
-        cap: int ``[B, M]`` available tokens per modality.
-        budget: int ``[B]``, at most ``cap.sum(1)``.
-
-    Returns:
-        int ``[B, M]`` counts with ``0 <= counts <= cap`` and ``counts.sum(1) == budget`` exactly
-        (floor of the proportional shares, capped, then the remainder one token at a time to the
-        modality with room and the largest unmet share).
-    """
-    cap = cap.long()
-    budget = torch.minimum(budget.long(), cap.sum(1))
-    lam = lam * (cap > 0)
-    counts = torch.zeros_like(cap)
-    active = cap > 0
-    for _ in range(cap.shape[1]):
-        w = lam * active
-        w = w / w.sum(1, keepdim=True).clamp_min(1e-12)
-        left = budget - counts.sum(1)
-        add = torch.minimum((w * left[:, None]).floor().long(), cap - counts)
-        counts = counts + add
-        active = active & (counts < cap)
-    while True:
-        left = budget - counts.sum(1)
-        todo = left > 0
-        if not bool(todo.any()):
-            return counts
-        room = counts < cap
-        unmet = lam * budget[:, None] - counts
-        j = torch.where(room, unmet, torch.full_like(unmet, -math.inf)).argmax(1)
-        counts = counts + F.one_hot(j, cap.shape[1]) * todo[:, None].long()
-
-
-def multimae_mask(
-    tok_avail: Tensor,
-    n_visible: int,
-    alpha: float = 1.0,
-    generator: torch.Generator | None = None,
-) -> Tensor:
-    """MultiMAE masking: which tokens stay visible.
-
-    Per sample, ``lambda ~ Dir(alpha)`` over the modalities that have tokens; the visible budget
-    ``min(n_visible, available tokens)`` is split by :func:`multimae_allocate` and each
-    modality's visible tokens are drawn uniformly among its available ones.
-
-    Args:
-        tok_avail: bool ``[B, M, N]`` available tokens.
-        n_visible: visible tokens per sample (the budget, kept exactly).
-        alpha: Dirichlet concentration (1 in the paper and MultiMAE).
-        generator: RNG (only used for ``alpha == 1``; other alphas use the global RNG).
-
-    Returns:
-        bool ``[B, M, N]``, a subset of ``tok_avail`` with ``min(n_visible, avail)`` True per sample.
-    """
-    b, n_mod, n = tok_avail.shape
-    dev = tok_avail.device
-
-    def rand(*shape: int) -> Tensor:
-        if generator is None:
-            return torch.rand(shape, device=dev)
-        return torch.rand(shape, generator=generator, device=generator.device).to(dev)
-
-    if alpha == 1.0:  # Dir(1) = normalised Exp(1)
-        lam = -torch.log(rand(b, n_mod).clamp_min(1e-12))
-    else:
-        lam = torch.distributions.Dirichlet(torch.full((n_mod,), float(alpha))).sample((b,)).to(dev)
-    cap = tok_avail.sum(2)
-    counts = multimae_allocate(lam, cap, torch.full((b,), int(n_visible), device=dev))
-    score = rand(b, n_mod, n).masked_fill(~tok_avail, 2.0)
-    rank = score.argsort(dim=2, stable=True).argsort(dim=2, stable=True)
-    return (rank < counts[:, :, None]) & tok_avail
-
-
-def _gn(c: int) -> nn.GroupNorm:
-    return nn.GroupNorm(max(1, c // 8) if c % 8 == 0 else 1, c)
-
-
-# ====================================================================== blocks
-class Block(nn.Module):
-    """Pre-norm transformer block with an optional boolean attention mask (True = attend)."""
-
-    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0):
-        super().__init__()
-        if dim % heads:
-            raise ValueError(f"dim {dim} is not divisible by heads {heads}")
-        self.heads = heads
-        self.norm1 = nn.LayerNorm(dim)
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-        self.norm2 = nn.LayerNorm(dim)
-        hidden = int(dim * mlp_ratio)
-        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
-
-    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
-        """``x [B, L, D]``, ``mask`` bool ``[B, L, L]`` or None -> ``[B, L, D]``."""
-        b, n, d = x.shape
-        qkv = self.qkv(self.norm1(x)).view(b, n, 3, self.heads, d // self.heads)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4)
-        a = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=None if mask is None else mask[:, None]
-        )
-        x = x + self.proj(a.transpose(1, 2).reshape(b, n, d))
-        return x + self.mlp(self.norm2(x))
-
-
-class CrossAttention(nn.Module):
-    """One masked cross-attention layer: queries ``[B, Q, D]`` attend to keys ``[B, K, D]``."""
-
-    def __init__(self, dim: int, heads: int):
-        super().__init__()
-        self.heads = heads
-        self.norm_q = nn.LayerNorm(dim)
-        self.norm_k = nn.LayerNorm(dim)
-        self.q = nn.Linear(dim, dim)
-        self.kv = nn.Linear(dim, 2 * dim)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, q: Tensor, k: Tensor, mask: Tensor) -> Tensor:
-        """``mask`` bool ``[B, Q, K]`` (each row must allow at least one key)."""
-        b, nq, d = q.shape
-        h = self.heads
-        qq = self.q(self.norm_q(q)).view(b, nq, h, d // h).transpose(1, 2)
-        kv = self.kv(self.norm_k(k)).view(b, k.shape[1], 2, h, d // h).permute(2, 0, 3, 1, 4)
-        a = F.scaled_dot_product_attention(qq, kv[0], kv[1], attn_mask=mask[:, None])
-        return q + self.proj(a.transpose(1, 2).reshape(b, nq, d))
 
 
 class BiLSTMAttention(nn.Module):
@@ -399,14 +184,14 @@ class UpDecoder(nn.Module):
 
     def __init__(self, dim: int, n_out: int, patch: int, width: int):
         super().__init__()
-        layers: list[nn.Module] = [nn.Conv2d(dim, width, 1), _gn(width), nn.GELU()]
+        layers: list[nn.Module] = [nn.Conv2d(dim, width, 1), group_norm(width), nn.GELU()]
         c = width
         for _ in range(int(math.log2(patch))):
             c2 = max(16, c // 2)
             layers += [
                 nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
                 nn.Conv2d(c, c2, 3, padding=1),
-                _gn(c2),
+                group_norm(c2),
                 nn.GELU(),
             ]
             c = c2
@@ -535,9 +320,9 @@ def build_encoder(
     )
 
 
-# ====================================================================== the method
+@register_method("imt", tasks=("segmentation",))
 class IMT(CoLearningModel):
-    """Incomplete multimodal transformer for chip segmentation (see the module docstring).
+    """IMT (Chen, Zhao & Bruzzone 2024): fusion tokens, Bi-LSTM attention and masked self-attention.
 
     Terms: ``main = CE(y, fused)`` over pixels where a fused (kept) modality is present, and
     ``uni = sum_m CE(y, y_m) / M`` over pixels where m is present (per-modality heads).
@@ -557,8 +342,6 @@ class IMT(CoLearningModel):
         ConfigError: ``task="classification"`` (this is a segmentation method).
     """
 
-    method = "imt"
-    tasks: ClassVar[tuple[str, ...]] = ("segmentation",)
 
     def __init__(
         self,
@@ -675,129 +458,3 @@ class IMT(CoLearningModel):
             [self._sup(per[m], y, avail[:, i]) for i, m in enumerate(self.modalities)]
         ).sum() / len(self.modalities)
         return {"main": main, "uni": uni}
-
-
-# ====================================================================== pretraining
-class IMTPretrainer(nn.Module):
-    """MultiMAE + contrastive pretraining of an :class:`IMTEncoder` (paper III-D/E, eq. 7).
-
-    * Masking: :func:`multimae_mask` keeps ``round(visible_fraction * (M + 1) * N)`` modality
-      tokens visible per chip (the paper: 256 visible = 1/4 of all tokens, fusion tokens
-      included); masked tokens are left out exactly like missing ones.
-    * Reconstruction: per modality, Linear(D -> dec_dim) of the fusion tokens + a learned
-      modality embedding, ``dec_depth`` transformer blocks, Linear -> ``patch^2 * C`` pixels; the
-      loss (MSE, or L1 for dem) covers masked tokens' pixels where the modality is present.
-    * Contrastive: learnable class tokens (fusion + one per modality) cross-attend once to the
-      encoder outputs with the same masking rule (a modality's class token sees its visible
-      tokens, the fusion class token sees all fusion and visible tokens); linear projections
-      give ``z_m`` and ``z_f``; ``cont = sum_m InfoNCE(z_m, z_f; temperature)`` over chips where
-      m has a visible token (eq. 6, negatives: the other chips of the batch).
-    * ``total = rec + contrastive_weight * cont`` (eq. 7 with lambda_2 = ``contrastive_weight``).
-    """
-
-    def __init__(
-        self,
-        encoder: IMTEncoder,
-        *,
-        dec_dim: int = 256,
-        dec_depth: int = 2,
-        dec_heads: int | None = None,
-        visible_fraction: float = 0.25,
-        alpha: float = 1.0,
-        temperature: float = 0.1,
-        contrastive_weight: float = 1.0,
-        generator: torch.Generator | None = None,
-    ):
-        super().__init__()
-        self.encoder = encoder
-        mods = encoder.modalities
-        d, p = encoder.dim, encoder.patch
-        dims = encoder.config["in_dims"]
-        heads = dec_heads or max(1, dec_dim // 32)
-        self.visible_fraction, self.alpha = visible_fraction, alpha
-        self.temperature, self.contrastive_weight = temperature, contrastive_weight
-        self.generator = generator
-        self.dec_in = nn.ModuleDict({m: nn.Linear(d, dec_dim) for m in mods})
-        self.dec_embed = nn.ParameterDict({m: nn.Parameter(torch.zeros(dec_dim)) for m in mods})
-        self.dec_blocks = nn.ModuleDict(
-            {m: nn.ModuleList(Block(dec_dim, heads) for _ in range(dec_depth)) for m in mods}
-        )
-        self.dec_norm = nn.ModuleDict({m: nn.LayerNorm(dec_dim) for m in mods})
-        self.dec_out = nn.ModuleDict({m: nn.Linear(dec_dim, p * p * dims[m]) for m in mods})
-        self.cls = nn.Parameter(torch.zeros(len(mods) + 1, d))
-        nn.init.trunc_normal_(self.cls, std=0.02)
-        self.cross = CrossAttention(d, encoder.config["heads"])
-        self.proj = nn.ModuleDict({k: nn.Linear(d, d) for k in ["fusion", *mods]})
-
-    def n_visible(self, n_tokens: int) -> int:
-        """Visible-token budget of a chip with ``n_tokens`` positions."""
-        return max(1, round(self.visible_fraction * (len(self.encoder.modalities) + 1) * n_tokens))
-
-    def forward(self, batch: Batch) -> dict[str, Tensor]:
-        """Loss terms: ``rec_<m>``, ``cont_<m>``, ``rec``, ``cont`` and ``total``."""
-        enc_mods = self.encoder.modalities
-        p = self.encoder.patch
-        dims = self.encoder.config["in_dims"]
-        xs, avail = prepare_chips(batch, enc_mods, dims)
-        xs = {m: pad_to(x, p) for m, x in xs.items()}
-        av = pad_to(avail, p)
-        tok_avail = token_mask(av, p)
-        b, n_mod, n = tok_avail.shape
-        vis = multimae_mask(tok_avail, self.n_visible(n), self.alpha, self.generator)
-        out = self.encoder(xs, vis, vis)
-        gh, gw = out["grid"]
-        fusion, tokens = out["fusion"], out["tokens"]
-        zero = fusion.sum() * 0.0
-        terms: dict[str, Tensor] = {}
-        for i, m in enumerate(enc_mods):
-            z = self.dec_in[m](fusion) + self.dec_embed[m]
-            for blk in cast(nn.ModuleList, self.dec_blocks[m]):
-                z = blk(z)
-            pix = self.dec_out[m](self.dec_norm[m](z))  # [B, N, C * p * p]
-            c = dims[m]
-            pred = (
-                pix.view(b, gh, gw, c, p, p).permute(0, 3, 1, 4, 2, 5).reshape(b, c, gh * p, gw * p)
-            )
-            sel = tokens_to_pixels(tok_avail[:, i] & ~vis[:, i], gh, gw, p) & av[:, i : i + 1]
-            diff = pred.float() - xs[m]
-            err = diff.abs() if RECON_LOSS.get(m, "mse") == "l1" else diff**2
-            cnt = sel.sum() * c
-            terms[f"rec_{m}"] = (err * sel).sum() / cnt if bool(cnt > 0) else zero
-        # global vectors: class tokens cross-attend to [cls, fusion, modality tokens]
-        keys = torch.cat(
-            [self.cls[None].expand(b, -1, -1).to(fusion.dtype), fusion, tokens.flatten(1, 2)], 1
-        )
-        q = self.cls[None].expand(b, -1, -1).to(fusion.dtype)
-        nq = n_mod + 1
-        own = torch.eye(nq, dtype=torch.bool, device=fusion.device)[None].expand(b, nq, nq)
-        fus_keys = torch.zeros(b, nq, n, dtype=torch.bool, device=fusion.device)
-        fus_keys[:, 0] = True
-        mod_keys = torch.zeros(b, nq, n_mod, n, dtype=torch.bool, device=fusion.device)
-        mod_keys[:, 0] = vis
-        idx = torch.arange(n_mod, device=fusion.device)
-        mod_keys[:, idx + 1, idx] = vis
-        mask = torch.cat([own, fus_keys, mod_keys.flatten(2)], 2)
-        g = self.cross(q, keys, mask)
-        z_f = self.proj["fusion"](g[:, 0]).float()
-        for i, m in enumerate(enc_mods):
-            ok = vis[:, i].any(1)
-            z_m = self.proj[m](g[:, i + 1]).float()
-            terms[f"cont_{m}"] = (
-                L.info_nce(z_m[ok], z_f[ok], self.temperature) if int(ok.sum()) > 1 else zero
-            )
-        rec = torch.stack([terms[f"rec_{m}"] for m in enc_mods]).sum()
-        cont = torch.stack([terms[f"cont_{m}"] for m in enc_mods]).sum()
-        terms.update(rec=rec, cont=cont, total=rec + self.contrastive_weight * cont)
-        return terms
-
-    def checkpoint(self, **extra: Any) -> dict[str, Any]:
-        """The encoder checkpoint that :meth:`IMT.load_pretrained` reads."""
-        return {
-            "format": CKPT_FORMAT,
-            "config": dict(self.encoder.config),
-            "encoder": {k: v.detach().cpu() for k, v in self.encoder.state_dict().items()},
-            **extra,
-        }
-
-
-REGISTRY[IMT.method] = IMT  # listed in cropmap.models.factory.METHODS

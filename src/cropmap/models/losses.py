@@ -189,3 +189,35 @@ def distill_loss(
     t = teacher.detach()
     elem = (student - t) ** 2 if kind == "regression" else _bernoulli_kl(t / tau, student / tau)
     return tau**2 * _masked_mean(elem.sum(1), valid)
+
+
+def dice_loss(kind: HeadKind | str, logits: Tensor, y: Tensor, valid: Tensor, smooth: float = 1.0) -> Tensor:
+    """Soft Dice ``1 - mean_k (2 sum p_k y_k + s) / (sum p_k + sum y_k + s)`` over valid pixels.
+
+    ``multiclass``: softmax probabilities vs one-hot ids (``-100`` ignored); ``binary``: the two
+    classes of a sigmoid; ``multilabel``: per-label sigmoid vs multi-hot ``y [B, K, H, W]``
+    (negative ignored); ``regression``: 0 (no Dice).
+    """
+    zero = logits.sum() * 0.0
+    if kind == "regression":
+        return zero
+    logits = logits.float()
+    if kind == "multilabel":
+        ok = (y >= 0) & valid[:, None]
+        p, t = torch.sigmoid(logits), y.clamp(min=0).to(logits.dtype)
+    else:
+        ok1 = valid & (y >= 0)
+        if kind == "binary":
+            q = torch.sigmoid(logits[:, 0])
+            p = torch.stack([1 - q, q], 1)
+            t = F.one_hot(y.clamp(0, 1).long(), 2).permute(0, 3, 1, 2).to(p.dtype)
+        else:
+            p = torch.softmax(logits, 1)
+            t = F.one_hot(y.clamp(min=0).long(), logits.shape[1]).permute(0, 3, 1, 2).to(p.dtype)
+        ok = ok1[:, None].expand_as(p)
+    if not bool(ok.any()):
+        return zero
+    w = ok.to(p.dtype)
+    inter = (p * t * w).sum((0, 2, 3))
+    den = (p * w).sum((0, 2, 3)) + (t * w).sum((0, 2, 3))
+    return 1.0 - ((2 * inter + smooth) / (den + smooth)).mean()
