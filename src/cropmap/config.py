@@ -1,8 +1,10 @@
 """Config loading and validation: JSON schema (with defaults) plus semantic checks.
 
 Every problem is reported as one :class:`~cropmap.errors.ConfigError` line naming the key and
-the fix. The schema lives in ``workflow/schemas/config.schema.yaml`` and is the single source of
-defaults and descriptions.
+the fix. The schema is package data, ``cropmap/schemas/config.schema.yaml`` (read with
+:mod:`importlib.resources`, so an installed cropmap finds it; ``workflow/schemas/`` links to it
+for the Snakemake-catalog layout), and is the single source of defaults and descriptions. The
+method names it accepts come from the method registry (:mod:`cropmap.models.registry`).
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ from __future__ import annotations
 import copy
 import json
 from collections.abc import Iterator
+from importlib import resources
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +23,10 @@ import yaml
 from cropmap.errors import ConfigError
 from cropmap.grid import Grid, season_months
 
-SCHEMA_PATH = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
+
+def schema_path() -> Traversable:
+    """The config schema shipped in the package (``cropmap/schemas/config.schema.yaml``)."""
+    return resources.files("cropmap") / "schemas" / "config.schema.yaml"
 
 
 def _with_defaults(cls: Any) -> Any:
@@ -57,14 +64,26 @@ def _one_line(err: jsonschema.ValidationError) -> str:
     if err.validator == "type":
         return f"config key {key}: {err.instance!r} should be of type {err.validator_value}"
     if err.validator == "required":
-        return f"config key {key}: {err.message}; add it (see workflow/schemas/config.schema.yaml)"
+        return f"config key {key}: {err.message}; add it (see cropmap/schemas/config.schema.yaml)"
     return f"config key {key}: {err.message}"
 
 
-def load_schema(path: Path = SCHEMA_PATH) -> dict:
-    """Read the config JSON schema."""
-    with open(path) as fh:
-        return yaml.safe_load(fh)
+def load_schema(path: str | Path | None = None) -> dict:
+    """Read the config JSON schema and fill in what the method registry decides.
+
+    ``definitions.method.enum`` becomes every registered method and the default of
+    ``compare.methods`` every method that classifies pixels (:mod:`cropmap.models.registry`).
+
+    Args:
+        path: a schema file; default :func:`schema_path` (the package's own).
+    """
+    from cropmap.models.registry import method_names, methods_for
+
+    text = Path(path).read_text() if path is not None else schema_path().read_text()
+    schema = yaml.safe_load(text)
+    schema["definitions"]["method"]["enum"] = list(method_names())
+    schema["properties"]["compare"]["properties"]["methods"]["default"] = list(methods_for("classification"))
+    return schema
 
 
 def validate(config: dict, schema: dict | None = None) -> dict:
@@ -72,7 +91,7 @@ def validate(config: dict, schema: dict | None = None) -> dict:
 
     Args:
         config: the parsed config mapping.
-        schema: the JSON schema; read from :data:`SCHEMA_PATH` when ``None``.
+        schema: the JSON schema; :func:`load_schema` when ``None``.
 
     Returns:
         The same mapping with defaults filled in.
