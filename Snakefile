@@ -11,7 +11,7 @@ include: "workflow/rules/stack.smk"
 include: "workflow/rules/labels.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/predict.smk"
-include: "workflow/rules/maps.smk"
+include: "workflow/rules/mosaic.smk"
 include: "workflow/rules/report.smk"
 include: "workflow/rules/compare.smk"
 

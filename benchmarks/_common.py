@@ -78,8 +78,10 @@ def tiled_region(base: int, factor: int, cfg: dict) -> tuple[Grid, Path]:
 
 def bundle(task: str, cfg: dict, stack_dir: Path, out: Path, seed: int = 0) -> Path:
     """Untrained model bundle of the config's method and size, statistics from ``stack_dir``."""
-    from cropmap.normalize import fit_stats
-    from cropmap.train import CoLearningModule, TrainSettings, save_bundle
+    from cropmap.models import build_model
+    from cropmap.normalize import Normalizer, fit_stats
+    from cropmap.predict import save_bundle
+    from cropmap.train import TrainSettings
 
     torch.manual_seed(seed)
     settings = TrainSettings.from_config(cfg, task, months(cfg))  # type: ignore[arg-type]
@@ -87,9 +89,11 @@ def bundle(task: str, cfg: dict, stack_dir: Path, out: Path, seed: int = 0) -> P
     for m in settings.modalities:
         with rasterio.open(stack_dir / f"{m}.tif") as src:
             samples[m] = src.read(window=Window(0, 0, min(64, src.width), min(64, src.height)), out_dtype="float32")[None]
-    module = CoLearningModule(settings.model_kwargs(), fit_stats(samples, "chips"), settings.lr, None)
+    kwargs = settings.model_kwargs()
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_bundle(module, settings, out, {"benchmark": "untrained"})
+    save_bundle(out, build_model(**kwargs), Normalizer(fit_stats(samples, "chips")), model_kwargs=kwargs,
+                classes=settings.classes, modalities=settings.modalities, months=settings.months, task=settings.task,
+                min_valid_fraction=settings.min_valid_fraction, class_weights=None, summary={"benchmark": "untrained"})
     return out
 
 

@@ -1,7 +1,7 @@
 """Missing-sensor comparison of every pixel method on a labelled sample table.
 
-Default: the real WorldCereal Uganda 2017 extractions beside the project
-(``../shared/realdata/worldcereal_uganda_2017_extractions.parquet``). Prints the summary
+Default: the real WorldCereal Uganda 2017 extractions the tests carry
+(``tests/data/realdata/worldcereal_uganda_2017_extractions.parquet``). Prints the summary
 (moderate / extreme / overall / full weighted F1 per method) and writes ``table.csv``,
 ``summary.csv``, ``classes.csv`` and ``heatmap.png`` to the output folder.
 
@@ -23,7 +23,7 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-DEFAULT = Path(__file__).resolve().parents[1].parent / "shared" / "realdata" / "worldcereal_uganda_2017_extractions.parquet"
+DEFAULT = Path(__file__).resolve().parents[1] / "tests" / "data" / "realdata" / "worldcereal_uganda_2017_extractions.parquet"
 
 
 def main() -> None:

@@ -32,7 +32,7 @@ def child(factor: int, args: argparse.Namespace) -> None:
     """Predict one region and print ``{"seconds", "maxrss_mb"}`` as JSON (run in a fresh process)."""
     import torch
 
-    from cropmap import maps, predict
+    from cropmap import mosaic, predict
     from cropmap.grid import tiles
 
     torch.set_num_threads(args.threads)
@@ -51,7 +51,7 @@ def child(factor: int, args: argparse.Namespace) -> None:
                         chip_size=cfg["chips"]["size"], overlap=pr["overlap"], batch_size=args.batch_size,
                         device=args.device, probabilities=pr["probabilities"], predictor=pred)
             outs.append(out)
-        maps.mosaic_to_cog(outs, Path(tmp) / "map.tif", grid, cfg["classes"], tags={"cropmap_region": "bench"})
+        mosaic.mosaic_to_cog(outs, Path(tmp) / "map.tif", grid, cfg["classes"], tags={"cropmap_region": "bench"})
         if args.device == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - t0

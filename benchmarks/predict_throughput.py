@@ -4,15 +4,15 @@
 
 Prints megapixels per second (map pixels) for
 
-(a) the model alone: the pipeline's model step (``Predictor._run``: inference rewrites,
+(a) the model alone: the pipeline's model step (``Predictor.apply``: inference rewrites,
     ``inference_mode``, bf16 autocast on CUDA) on batches already in memory (on the device for
     CUDA), of the same batch size;
 (b) the full predict path from the stack files to the map COG: every tile of
     ``prediction.tile_size`` through :func:`cropmap.predict.run` (one loaded model, as a
-    warm worker) then :func:`cropmap.maps.mosaic_to_cog`;
-(c) a naive loop: TorchGeo ``IntersectionDataset`` of the :mod:`cropmap.tiles` stack datasets,
+    warm worker) then :func:`cropmap.mosaic.mosaic_to_cog`;
+(c) a naive loop: TorchGeo ``IntersectionDataset`` of the :mod:`cropmap.datasets` stack datasets,
     ``GridGeoSampler`` (chip size windows; segmentation: the blending stride) and a
-    ``DataLoader``, the same weights through :func:`cropmap.train.load_bundle`, the same batch
+    ``DataLoader``, the same weights through :func:`cropmap.predict.load_bundle`, the same batch
     size and CPU threads (``--threads``, default all cores: torch intra-op threads here, model
     threads in the pipeline), outputs kept in memory (no file written).
 
@@ -37,11 +37,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C
 
-from cropmap import maps, predict
+from cropmap import mosaic, predict
 from cropmap.availability import presence_stack
+from cropmap.datasets import open_stacks, to_time_series
 from cropmap.grid import Grid, tile_window, tiles
-from cropmap.tiles import open_stacks, to_time_series
-from cropmap.train import load_bundle
+from cropmap.predict import load_bundle
+from cropmap.predict.chips import hann, windows
 
 
 class _Collector(predict.Predictor):
@@ -50,7 +51,7 @@ class _Collector(predict.Predictor):
     limit = 0
     collected: list
 
-    def _run(self, items, scatter):  # type: ignore[no-untyped-def, override]
+    def apply(self, items, scatter):  # type: ignore[no-untyped-def, override]
         self.collected = []
         n = 0
         for meta, batch in items:
@@ -63,7 +64,7 @@ class _Collector(predict.Predictor):
 
 
 def model_alone(ckpt: Path, stacks: dict[str, Path], grid: Grid, args: argparse.Namespace, cfg: dict) -> float:
-    """(a): map pixels per second of ``_proba`` on in-memory batches."""
+    """(a): map pixels per second of the model step on in-memory batches."""
     p = _Collector(ckpt, args.device, args.batch_size, threads=args.threads)
     chip, overlap, tile_size = cfg["chips"]["size"], cfg["prediction"]["overlap"], cfg["prediction"]["tile_size"]
     seg = p.task == "segmentation"
@@ -72,13 +73,13 @@ def model_alone(ckpt: Path, stacks: dict[str, Path], grid: Grid, args: argparse.
     batches = [({k: v.to(p.device) for k, v in b.items()}, len(meta)) for meta, b in p.collected]
     if seg:  # map pixels per window: the pipeline computes every lattice window of every tile
         stride = max(1, round(chip * (1 - overlap)))
-        n_win = sum(len(list(p.windows(tile_window(grid, t, tile_size), chip, stride))) for t in tiles(grid, tile_size))
+        n_win = sum(len(list(windows(tile_window(grid, t, tile_size), chip, stride))) for t in tiles(grid, tile_size))
         px_per_item = grid.width * grid.height / n_win
     else:
         px_per_item = 1.0
     items = [(None, b) for b, _ in batches]
     per_rep = sum(n for _, n in batches) * px_per_item
-    run = predict.Predictor._run  # the real model step, not the collector's
+    run = predict.Predictor.apply  # the real model step, not the collector's
     run(p, items[:1], lambda meta, proba: None)  # warm-up (cuDNN autotuning, allocator)
     C.sync(args.device)
     reps, t0 = 0, time.perf_counter()
@@ -104,7 +105,7 @@ def pipeline(ckpt: Path, stack_dir: Path, grid: Grid, args: argparse.Namespace, 
                     chip_size=cfg["chips"]["size"], overlap=pr["overlap"], batch_size=args.batch_size, device=args.device,
                     probabilities=pr["probabilities"], predictor=pred)
         outs.append(out)
-    maps.mosaic_to_cog(outs, work / "map.tif", grid, cfg["classes"], tags={"cropmap_region": "bench"})
+    mosaic.mosaic_to_cog(outs, work / "map.tif", grid, cfg["classes"], tags={"cropmap_region": "bench"})
     return C.mpx(grid.width * grid.height, time.perf_counter() - t0)
 
 
@@ -144,7 +145,7 @@ def naive(ckpt: Path, stack_dir: Path, grid: Grid, args: argparse.Namespace, cfg
     cls = np.full(grid.shape, 255, np.uint8)
     acc = np.zeros((k, *grid.shape), np.float32) if seg else None
     wsum = np.zeros(grid.shape, np.float32)
-    weight = predict.hann(chip)
+    weight = hann(chip)
     xmin, ymax, res = grid.xmin, grid.ymax, grid.res
     mvf = bundle["min_valid_fraction"]
     for b in loader:

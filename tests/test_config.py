@@ -45,7 +45,7 @@ def test_bad_values_stop_with_one_line(tmp_path: Path, mutate, fragment: str) ->
 
 def test_stage_params_of_a_region_ignore_other_regions(tmp_path: Path) -> None:
     cfg = validate(tiny_config(tmp_path))
-    before = {s: stage_params(cfg, s, "tiny") for s in ("fetch", "stack", "labels", "chips", "train", "predict", "maps", "report")}
+    before = {s: stage_params(cfg, s, "tiny") for s in ("fetch", "stack", "labels", "chips", "train", "predict", "mosaic", "metrics")}
     cfg2 = copy.deepcopy(cfg)
     cfg2["regions"]["other"] = dict(cfg["regions"]["tiny"], bbox=[4.9, 45.7, 4.91, 45.71])
     after = {s: stage_params(validate(cfg2), s, "tiny") for s in before}

@@ -218,6 +218,9 @@ def test_sigkill_during_train_resumes_from_last_checkpoint(base: Path, tmp_path:
     assert f"resuming from {work / 'last.ckpt'}" in log
     summary = json.loads((model.parent / "train_summary.json").read_text())
     assert summary["resumed"] is True and summary["epochs"] == 3
+    # the history of the epochs before the kill came back with last.ckpt
+    assert [h["epoch"] for h in summary["history"]] == [0, 1, 2]
+    assert all({"train/total", "val_loss", "val_acc"} <= set(h) for h in summary["history"])
     assert not list(work.glob("*.ckpt")), "checkpoints are removed once model.ckpt is written"
     assert (tmp_path / MAP).read_bytes() == (base / MAP).read_bytes()
 
@@ -399,7 +402,7 @@ def test_tile_without_any_modality_and_month_without_data_are_counted(base: Path
                              "--stack-dir", str(stack), "--tile", name, "--out", str(tiles / f"{name}.tif")]) == 0
     res = tmp_path / "results" / REGION
     res.mkdir(parents=True)  # snakemake creates output folders
-    assert cropmap_main(["maps", "--params", dumps(stage_params(cfg, "maps", REGION)), "--tiles",
+    assert cropmap_main(["mosaic", "--params", dumps(stage_params(cfg, "mosaic", REGION)), "--tiles",
                          *[str(tiles / f"{n}.tif") for n in names], "--out", str(res / "map.tif"),
                          "--quicklook", str(res / "quicklook.png"), "--stac", str(res / "map.json")]) == 0
     assert cropmap_main(["coverage", "--params", dumps(stage_params(cfg, "coverage", REGION)), "--map", str(res / "map.tif"),
@@ -417,7 +420,7 @@ def test_tile_without_any_modality_and_month_without_data_are_counted(base: Path
     assert cov["months_without_data"] == ["2023-06"]
     assert all(v == 0 for v in cov["months"]["2023-06"].values())
     regions = {REGION: {"coverage": str(res / "coverage.json"), "quicklook": str(res / "quicklook.png")}}
-    assert cropmap_main(["html", "--regions", json.dumps(regions), "--out", str(tmp_path / "report.html")]) == 0
+    assert cropmap_main(["report", "--regions", json.dumps(regions), "--out", str(tmp_path / "report.html")]) == 0
     page = (tmp_path / "report.html").read_text()
     assert "tiles without any sensor: <b>1</b> of 4 (r000000_c000000)" in page
     assert "months without data in any sensor: <b>2023-06</b>" in page

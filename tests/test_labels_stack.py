@@ -11,7 +11,7 @@ import rasterio
 from affine import Affine
 from shapely.geometry import box
 
-from cropmap import labels, stack
+from cropmap import fold, labels, stack
 from cropmap.errors import GridMismatchError, LabelError
 from cropmap.grid import Grid
 from cropmap.modalities import band_descriptions
@@ -111,7 +111,7 @@ def test_user_label_formats(tmp_path: Path, grid: Grid, suffix: str) -> None:
 def test_cross_validation_folds_test_every_block_once() -> None:
     g = Grid(crs="EPSG:32636", xmin=500000, ymax=100000, width=200, height=160, res=10)
     fractions = {"train": 0.7, "val": 0.15, "test": 0.15}
-    folds = [labels.fold_splits(g, 32, fractions, seed=4, folds=3, fold=f) for f in range(3)]
+    folds = [fold.fold_splits(g, 32, fractions, seed=4, folds=3, fold=f) for f in range(3)]
     tested = np.stack([f == 2 for f in folds])
     assert tested.shape == (3, 5, 7)
     assert (tested.sum(axis=0) == 1).all()  # each of the 35 blocks is tested in exactly one fold
@@ -120,9 +120,9 @@ def test_cross_validation_folds_test_every_block_once() -> None:
         # val share of the non-test blocks follows val / (train + val) = 0.15 / 0.85
         assert (f == 1).sum() == round(0.15 / 0.85 * (f != 2).sum())
         assert (f == 0).sum() > 0
-    assert (labels.fold_splits(g, 32, fractions, 4, folds=1, fold=0) == labels.block_splits(g, 32, fractions, 4)).all()
+    assert (fold.fold_splits(g, 32, fractions, 4, folds=1, fold=0) == labels.block_splits(g, 32, fractions, 4)).all()
     with pytest.raises(LabelError, match=r"compare\.folds 40"):
-        labels.fold_splits(g, 32, fractions, 4, folds=40, fold=0)
+        fold.fold_splits(g, 32, fractions, 4, folds=40, fold=0)
 
 
 def test_write_fold_keeps_classes_and_moves_chip_splits(tmp_path: Path, grid: Grid) -> None:
@@ -139,13 +139,13 @@ def test_write_fold_keeps_classes_and_moves_chip_splits(tmp_path: Path, grid: Gr
     chips = pd.DataFrame([{"row": r, "col": c, "split": "x", "n_labelled": 256}
                           for r in range(0, grid.height, 16) for c in range(0, 32, 16)])
     chips.to_parquet(tmp_path / "c.parquet")
-    labels.write_fold(tmp_path / "l.tif", tmp_path / "c.parquet", tmp_path / "f1.tif", tmp_path / "f1.parquet", grid,
+    fold.write_fold(tmp_path / "l.tif", tmp_path / "c.parquet", tmp_path / "f1.tif", tmp_path / "f1.parquet", grid,
                       block_size=16, fractions=fr, seed=1, folds=2, fold=1)
     with rasterio.open(tmp_path / "l.tif") as a, rasterio.open(tmp_path / "f1.tif") as b:
         assert (a.read(1) == b.read(1)).all() and b.colormap(1)[1][:3] == (255, 0, 0)
         split = b.read(2)
     usable = np.array([[True, True, False], [True, True, False]])
-    assert (split == labels.split_raster(grid, 16, fr, 1, folds=2, fold=1, usable=usable)).all()
+    assert (split == labels.expand_blocks(fold.fold_splits(grid, 16, fr, 1, folds=2, fold=1, usable=usable), grid, 16)).all()
     assert (split[:, 32:] == 0).all()  # blocks without chips are never test or validation
     out = pd.read_parquet(tmp_path / "f1.parquet")
     assert [labels.SPLITS[split[r, c]] for r, c in zip(out.row, out.col, strict=True)] == out.split.tolist()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,12 +14,17 @@ import torch
 
 from cropmap import predict
 from cropmap.availability import presence_stack
+from cropmap.datasets import to_time_series
+from cropmap.device import resolve_device
+from cropmap.errors import ConfigError
 from cropmap.grid import Grid, tile_window, tiles
-from cropmap.modalities import MODALITIES, band_descriptions
-from cropmap.models import methods_for
-from cropmap.predict import Predictor, hann, optimize_for_inference, prefetch, read_window
-from cropmap.tiles import to_time_series
-from cropmap.train import CoLearningModule, TrainSettings, load_bundle, save_bundle
+from cropmap.modalities import MODALITIES, band_descriptions, n_channels
+from cropmap.models import build_model, methods_for
+from cropmap.normalize import Normalizer
+from cropmap.predict import Predictor, load_bundle, reading, save_bundle
+from cropmap.predict.chips import hann
+from cropmap.predict.prefetch import prefetch
+from cropmap.predict.rewrites import TempCNNInference, optimize_for_inference
 
 MONTHS = ["2023-04", "2023-05", "2023-06", "2023-07"]
 CLASSES = [{"id": i, "name": f"c{i}", "colour": "#101010"} for i in range(3)]
@@ -50,11 +57,12 @@ def stacks(tmp_path: Path, grid: Grid) -> Path:
 
 def bundle(tmp_path: Path, task: str, method: str = "comiss") -> Path:
     torch.manual_seed(0)
-    s = TrainSettings(task=task, method=method, modalities=list(MODALITIES), months=MONTHS, classes=CLASSES, hidden=8)  # type: ignore[arg-type]
-    stats = {m: ([0.0] * len(band_descriptions(m, ["x"])), [1.0] * len(band_descriptions(m, ["x"]))) for m in MODALITIES}
-    module = CoLearningModule(s.model_kwargs(), stats, 1e-3, None)
+    kwargs = {"method": method, "task": task, "modalities": list(MODALITIES), "in_channels": {m: n_channels(m) for m in MODALITIES},
+              "n_steps": len(MONTHS), "n_classes": len(CLASSES), "hidden": 8}
+    stats = {m: ([0.0] * n_channels(m), [1.0] * n_channels(m)) for m in MODALITIES}
     out = tmp_path / f"{task}_{method}.ckpt"
-    save_bundle(module, s, out, {})
+    save_bundle(out, build_model(**kwargs), Normalizer(stats), model_kwargs=kwargs, classes=CLASSES, modalities=MODALITIES,  # type: ignore[arg-type]
+                months=MONTHS, task=task, min_valid_fraction=0.5, class_weights=None, summary={})
     return out
 
 
@@ -75,7 +83,7 @@ def predict_map(p: Predictor, stacks: Path, grid: Grid, size: int, chip: int = 1
                                                         ("classification", 16, 2), ("segmentation", 16, 2)])
 def test_tiles_equal_whole_region(tmp_path: Path, stacks: Path, grid: Grid, task: str, unit: int, threads: int,
                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(predict, "UNIT", unit)  # 16: read units of one 32 px block, windows across them
+    monkeypatch.setattr(reading, "UNIT", unit)  # 16: read units of one 32 px block, chips across them
     p = Predictor(bundle(tmp_path, task), "cpu", batch_size=1024, threads=threads)
     whole = predict_map(p, stacks, grid, size=max(grid.shape))
     tiled = predict_map(p, stacks, grid, size=20)
@@ -129,7 +137,10 @@ def test_tile_equals_one_big_batch_and_probabilities_sum_to_100(tmp_path: Path, 
     assert (np.abs(tile[3:].sum(axis=0)[valid] - 100) <= 2).all() and (tile[3:, ~valid] == 0).all()
 
     model, norm, _ = load_bundle(ckpt)
-    arrays = {m: read_window(stacks / f"{m}.tif", w) for m in MODALITIES}
+    arrays = {}
+    for m in MODALITIES:
+        with rasterio.open(stacks / f"{m}.tif") as src:
+            arrays[m] = src.read(window=w, out_dtype="float32")
     pres = presence_stack(arrays, MODALITIES, 0.5, (h, wd)).reshape(len(MODALITIES), -1)
     sel = np.flatnonzero(pres.any(axis=0))
     batch = {m: torch.from_numpy(np.ascontiguousarray(to_time_series(a, m).reshape(h * wd, *to_time_series(a, m).shape[2:])[sel]))
@@ -166,7 +177,7 @@ def test_inference_rewrites_keep_the_function(tmp_path: Path, task: str, method:
         assert not any(isinstance(x, torch.nn.modules.batchnorm._BatchNorm) for x in fast.modules())
         np.testing.assert_allclose(fast(norm(batch))["logits"].numpy(), ref.numpy(), atol=1e-4, rtol=1e-4)
     if task == "classification" and method != "input_fusion":  # TempCNN encoders run fused
-        assert any(isinstance(x, predict.TempCNNInference) for x in fast.modules())
+        assert any(isinstance(x, TempCNNInference) for x in fast.modules())
 
 
 def test_prefetch_keeps_order_raises_producer_errors_and_stops_early() -> None:
@@ -182,3 +193,19 @@ def test_prefetch_keeps_order_raises_producer_errors_and_stops_early() -> None:
     it = prefetch(range(1000), produce, readers=2, depth=1)
     assert next(it) == (0, 0)
     it.close()  # producers blocked on full queues stop; nothing hangs
+
+
+def test_prediction_loads_a_model_without_lightning_or_the_train_stage() -> None:
+    code = ("import sys, cropmap.predict, cropmap.metrics; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('lightning', 'pytorch_lightning') or m == 'cropmap.train'))")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert res.stdout.strip() == "[]", res.stdout
+
+
+def test_device_choice_names_the_config_key_when_cuda_is_missing(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto", "prediction.device") == torch.device("cpu")
+    with pytest.raises(ConfigError, match=r"config key training\.device is 'cuda'.*set it to auto or cpu"):
+        resolve_device("cuda", "training.device")
+    with pytest.raises(ConfigError, match=r"prediction\.device"):
+        resolve_device("tpu", "prediction.device")

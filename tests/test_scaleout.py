@@ -29,17 +29,25 @@ RULES = ROOT / "workflow" / "rules"
 
 
 def rule_blocks() -> dict[str, str]:
-    blocks = {}
+    """Rule name -> its text; a ``use rule X as Y with:`` rule gets X's text plus its overrides."""
+    blocks: dict[str, str] = {}
+    uses: list[tuple[str, str, str]] = []
     for smk in sorted(RULES.glob("*.smk")):
-        parts = re.split(r"^rule (\w+):", smk.read_text(), flags=re.M)
-        blocks |= dict(zip(parts[1::2], parts[2::2], strict=True))
+        pattern = r"^(?:rule (\w+)|use rule (\w+) as (\w+) with):\n(.*?)(?=^\S|\Z)"
+        for m in re.finditer(pattern, smk.read_text(), flags=re.M | re.S):
+            if m.group(1):
+                blocks[m.group(1)] = m.group(4)
+            else:
+                uses.append((m.group(2), m.group(3), m.group(4)))
+    for parent, name, overrides in uses:
+        blocks[name] = blocks[parent] + overrides
     return blocks
 
 
 def test_every_job_rule_declares_standard_resources() -> None:
     blocks = rule_blocks()
     jobs = {name: body for name, body in blocks.items() if "shell:" in body}
-    assert {"fetch", "stack", "train", "predict", "mosaic", "coverage"} <= set(jobs)
+    assert {"fetch", "stack", "train", "predict", "mosaic", "coverage", "train_compare", "metrics_compare"} <= set(jobs)
     for name, body in jobs.items():
         assert re.search(r"^\s+threads:", body, re.M), f"rule {name}: no threads"
         assert "mem_mb=" in body and "runtime=" in body, f"rule {name}: no mem_mb/runtime"

@@ -15,7 +15,7 @@ import numpy as np
 import rasterio
 from rasterio.windows import Window
 
-from cropmap.modalities import BANDS, MODALITIES, TEMPORAL
+from cropmap.modalities import MODALITIES, TEMPORAL, n_channels
 
 
 def valid_months(x: np.ndarray, modality: str) -> np.ndarray:
@@ -28,7 +28,7 @@ def valid_months(x: np.ndarray, modality: str) -> np.ndarray:
     Returns:
         bool ``[T, ...]`` (``[1, ...]`` for static), True where all channels are finite.
     """
-    c = len(BANDS[modality])
+    c = n_channels(modality)
     finite = np.isfinite(x)
     return finite.reshape(x.shape[0] // c, c, *x.shape[1:]).all(axis=1)
 
@@ -83,7 +83,7 @@ def monthly_report(path: str | Path, modality: str, block: int = 512) -> dict[st
         ``{"2023-01": 0.82, ...}``; static modalities report under ``"static"``.
     """
     with rasterio.open(path) as src:
-        c = len(BANDS[modality])
+        c = n_channels(modality)
         n_t = src.count // c
         labels = (
             [d.rsplit("_", 1)[-1] if d else f"t{i}" for i, d in enumerate(src.descriptions[::c])]

@@ -1,8 +1,10 @@
 """Command line of the pipeline stages: ``cropmap <stage> --params JSON [paths]``.
 
-The Snakemake rules call these; each one can also be run by hand. ``--params`` is the JSON
-produced by :func:`cropmap.config.stage_params`. Errors of cropmap itself are printed as one
-line (the message names the file or key and the fix) with exit status 1.
+One vocabulary: each stage is a Snakemake rule, a ``cropmap`` command and a module of the same
+name (rule ``mosaic`` runs ``cropmap mosaic``, :mod:`cropmap.mosaic`). The rules call these;
+each one can also be run by hand. ``--params`` is the JSON produced by
+:func:`cropmap.config.stage_params`. Errors of cropmap itself are printed as one line (the
+message names the file or key and the fix) with exit status 1.
 """
 
 from __future__ import annotations
@@ -58,18 +60,18 @@ def cmd_labels(a: argparse.Namespace, p: dict[str, Any]) -> None:
 
 
 def cmd_fold(a: argparse.Namespace, p: dict[str, Any]) -> None:
-    from cropmap import labels
+    from cropmap import fold
 
-    labels.write_fold(Path(a.labels), Path(a.chips), Path(a.out_tif), Path(a.out_chips), _grid(p),
+    fold.write_fold(Path(a.labels), Path(a.chips), Path(a.out_tif), Path(a.out_chips), _grid(p),
                       block_size=p["split"]["block_size"], fractions=p["split"]["fractions"], seed=p["seed"],
                       folds=p["folds"], fold=int(a.fold))
 
 
 def cmd_chips(a: argparse.Namespace, p: dict[str, Any]) -> None:
-    from cropmap import tiles
+    from cropmap import chips
 
     _checked_stacks(a, p)
-    tiles.run(Path(a.stack_dir), Path(a.labels), Path(a.out), _grid(p), p["months"], p["modalities"], p["size"], p["min_valid_fraction"])
+    chips.run(Path(a.stack_dir), Path(a.labels), Path(a.out), _grid(p), p["months"], p["modalities"], p["size"], p["min_valid_fraction"])
 
 
 def cmd_train(a: argparse.Namespace, p: dict[str, Any]) -> None:
@@ -77,7 +79,8 @@ def cmd_train(a: argparse.Namespace, p: dict[str, Any]) -> None:
 
     _checked_stacks(a, p)
     settings = train.TrainSettings.from_config(p, a.task, p["months"])
-    summary = train.run(settings, Path(a.stack_dir), Path(a.labels), Path(a.chips), _grid(p), Path(a.out), Path(a.work_dir))
+    summary = train.run(settings, Path(a.stack_dir), Path(a.labels), Path(a.chips), _grid(p), Path(a.out), Path(a.work_dir),
+                        summary_json=Path(a.summary) if a.summary else None)
     log.info("trained: %s", json.dumps(summary))
 
 
@@ -103,38 +106,38 @@ def cmd_predict(a: argparse.Namespace, p: dict[str, Any]) -> None:
                 device=pr["device"], probabilities=pr["probabilities"])
 
 
-def cmd_maps(a: argparse.Namespace, p: dict[str, Any]) -> None:
-    from cropmap import maps
+def cmd_mosaic(a: argparse.Namespace, p: dict[str, Any]) -> None:
+    from cropmap import mosaic
 
     tiles = sorted(Path(a.tiles_dir).glob("*.tif")) if a.tiles_dir else [Path(t) for t in a.tiles]
     tags = {"cropmap_region": p["region"], "cropmap_method": p["model"]["method"], "cropmap_task": p["model"]["task"],
             "cropmap_season": f"{p['months'][0]}/{p['months'][-1]}", "cropmap_sources": json.dumps(p["sources"])}
     out = Path(a.out)
-    maps.mosaic_to_cog(tiles, out, _grid(p), p["classes"], tags=tags, proba_out=Path(a.proba) if a.proba else None)
-    maps.quicklook(out, Path(a.quicklook), p["classes"], title=f"cropmap {p['region']} ({p['model']['method']})")
-    maps.stac_item(out, Path(a.stac), p["region"], p["classes"], bbox=p["bbox"], months=p["months"], sources=p["sources"], model=p["model"],
+    mosaic.mosaic_to_cog(tiles, out, _grid(p), p["classes"], tags=tags, proba_out=Path(a.proba) if a.proba else None)
+    mosaic.quicklook(out, Path(a.quicklook), p["classes"], title=f"cropmap {p['region']} ({p['model']['method']})")
+    mosaic.stac_item(out, Path(a.stac), p["region"], p["classes"], bbox=p["bbox"], months=p["months"], sources=p["sources"], model=p["model"],
                    proba_tif=Path(a.proba) if a.proba else None)
 
 
-def cmd_expected(a: argparse.Namespace, p: dict[str, Any]) -> None:
-    from cropmap import maps
+def cmd_expected_f1(a: argparse.Namespace, p: dict[str, Any]) -> None:
+    from cropmap import expected_f1
 
-    mean = maps.expected_accuracy(Path(a.map), Path(a.metrics), Path(a.out))
+    mean = expected_f1.run(Path(a.map), Path(a.metrics), Path(a.out))
     log.info("mean expected weighted F1 over mapped pixels: %.1f", mean)
 
 
-def cmd_report(a: argparse.Namespace, p: dict[str, Any]) -> None:
-    from cropmap import report
+def cmd_metrics(a: argparse.Namespace, p: dict[str, Any]) -> None:
+    from cropmap import metrics
 
     _checked_stacks(a, p)
     ev = p["evaluation"]
-    df = report.evaluate(Path(a.model), Path(a.stack_dir), Path(a.labels), Path(a.chips), _grid(p),
+    df = metrics.evaluate(Path(a.model), Path(a.stack_dir), Path(a.labels), Path(a.chips), _grid(p),
                          max_pixels_per_class=ev["max_pixels_per_class"], seed=p["seed"],
                          device=p["prediction"]["device"], batch_size=p["prediction"]["batch_size"])
     for tag in a.tag:
         key, _, value = tag.partition("=")
         df.insert(0, key, value)
-    report.write_metrics(df, Path(a.out))
+    metrics.write_metrics(df, Path(a.out))
     log.info("metrics:\n%s", df.round(1).to_string(index=False))
 
 
@@ -155,7 +158,7 @@ def cmd_compare(a: argparse.Namespace, p: dict[str, Any]) -> None:
     log.info("summary:\n%s", compare.summarise(table).round(1).to_string(index=False))
 
 
-def cmd_html(a: argparse.Namespace, p: dict[str, Any]) -> None:
+def cmd_report(a: argparse.Namespace, p: dict[str, Any]) -> None:
     from cropmap import report
 
     regions = {name: {k: Path(v) for k, v in files.items()} for name, files in json.loads(a.regions).items()}
@@ -168,14 +171,52 @@ def _atomic_dir(path: Path) -> Any:
     return atomic_dir(path)
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose top-level epilog (the method list) is built only for ``--help``,
+    so a stage does not import the models to parse its arguments."""
+
+    def format_help(self) -> str:
+        if self.epilog is None and self.prog == "cropmap":
+            from cropmap.models.registry import methods_help
+
+            self.epilog = methods_help()
+        return super().format_help()
+
+
+DESCRIPTION = """Run one stage of the cropmap pipeline: cropmap <stage> --params JSON [paths].
+
+Each stage is a Snakemake rule, a cropmap command and a module (cropmap.<stage>) of the
+same name; the rules in workflow/rules call these, and each can be run by hand. --params is
+the stage's slice of the config (cropmap.config.stage_params). An error prints one line
+naming the file or config key and the fix (exit status 1)."""
+
+#: ``cropmap <stage>``: what each stage does, as ``cropmap --help`` lists it.
+STAGES: dict[str, str] = {
+    "fetch": "fetch every modality of a region from its source into raw/ (+ availability.json)",
+    "stack": "align each fetched modality onto the region grid (one GeoTIFF per modality)",
+    "labels": "rasterise labelled fields onto the grid and split it into spatial blocks",
+    "fold": "labels and chips of one fold of spatial cross-validation (compare.folds)",
+    "chips": "enumerate segmentation chips with split and per-sensor presence (chips.parquet)",
+    "train": "train a co-learning model of a region (model.ckpt + train_summary.json)",
+    "pretrain": "self-supervised pretraining of the imt encoder on a region's stacks",
+    "predict": "predict one tile of a region with whichever sensors each pixel has",
+    "mosaic": "mosaic the tiles into the map COG, a quicklook PNG and a STAC item",
+    "expected_f1": "per pixel, the held-out weighted F1 of the sensor subset it was mapped with",
+    "coverage": "what the map could not see: nodata share, empty tiles, months without data",
+    "metrics": "held-out metrics for every non-empty subset of sensors (metrics.csv)",
+    "compare": "the method comparison: table.csv, summary.csv and a heatmap from per-method tables",
+    "report": "one HTML page over every region: metrics, availability, coverage, quicklooks",
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``cropmap`` argument parser."""
-    ap = argparse.ArgumentParser(prog="cropmap", description=__doc__)
+    ap = _Parser(prog="cropmap", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = ap.add_subparsers(dest="stage", required=True)
+    sub = ap.add_subparsers(dest="stage", required=True, metavar="<stage>")
 
     def add(name: str, fn: Any, *args: str, **flags: dict[str, Any]) -> argparse.ArgumentParser:
-        sp = sub.add_parser(name)
+        sp = sub.add_parser(name, help=STAGES[name], description=STAGES[name])
         sp.add_argument("--params", default="{}", help="stage parameters as JSON (see cropmap.config.stage_params)")
         for arg in args:
             sp.add_argument(f"--{arg.replace('_', '-')}", dest=arg, required=True)
@@ -192,16 +233,19 @@ def build_parser() -> argparse.ArgumentParser:
     add("labels", cmd_labels, "raw_dir", "out_tif", "out_gpkg")
     add("fold", cmd_fold, "labels", "chips", "fold", "out_tif", "out_chips")
     add("chips", cmd_chips, "stack_dir", "labels", "out")
-    add("train", cmd_train, "stack_dir", "labels", "chips", "out", "work_dir", task={"choices": ["classification", "segmentation"], "required": True})
+    add("train", cmd_train, "stack_dir", "labels", "chips", "out", "work_dir",
+        task={"choices": ["classification", "segmentation"], "required": True},
+        summary={"default": None, "help": "training summary JSON (default train_summary.json beside --out)"})
     add("pretrain", cmd_pretrain, "stack_dir", "labels", "chips", "out")
     add("predict", cmd_predict, "model", "stack_dir", "tile", "out")
-    add("maps", cmd_maps, "out", "quicklook", "stac", tiles_dir={"default": None}, tiles={"nargs": "*", "default": []}, proba={"default": None})
-    add("expected", cmd_expected, "map", "metrics", "out")
+    add("mosaic", cmd_mosaic, "out", "quicklook", "stac", tiles_dir={"default": None}, tiles={"nargs": "*", "default": []},
+        proba={"default": None})
+    add("expected_f1", cmd_expected_f1, "map", "metrics", "out")
     add("coverage", cmd_coverage, "map", "stack_dir", "out")
-    add("report", cmd_report, "model", "stack_dir", "labels", "chips", "out",
+    add("metrics", cmd_metrics, "model", "stack_dir", "labels", "chips", "out",
         tag={"action": "append", "default": [], "help": "KEY=VALUE column added to every row (e.g. method=comiss)"})
     add("compare", cmd_compare, "table", "summary", parts={"nargs": "+", "required": True}, heatmap={"default": None})
-    add("html", cmd_html, "regions", "out")
+    add("report", cmd_report, "regions", "out")
     return ap
 
 

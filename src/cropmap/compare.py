@@ -1,4 +1,5 @@
-"""The missing-sensor evaluation protocol (seed 000, Table 1) across methods.
+"""Stage ``compare``: the missing-sensor protocol across methods (Mena, Ienco, Dantas & Interdonato
+2025, Table 1).
 
 Every method is trained on the same splits with the same seed and evaluated on every non-empty
 subset of modalities. ``summarise`` reports per method the average weighted F1 over

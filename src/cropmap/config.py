@@ -244,12 +244,12 @@ def stage_params(config: dict, stage: str, region: str, method: str | None = Non
         return base | {"prediction": config["prediction"], "chip_size": config["chips"]["size"]}
     if stage == "coverage":
         return base | {"tile_size": config["prediction"]["tile_size"]}
-    if stage == "maps":
+    if stage == "mosaic":
         sources = {m: region_source(r, m) for m in config["modalities"]}
         return base | {"classes": config["classes"], "bbox": r["bbox"], "sources": sources,
                        "model": {"method": config["model"]["method"], "task": config["model"]["task"],
                                  "trained_on": model_region(config, region)}}
-    if stage == "report":
+    if stage == "metrics":
         return base | {"evaluation": config["evaluation"], "seed": config["seed"], "prediction": config["prediction"]}
     raise ValueError(f"unknown stage {stage!r}")
 

@@ -23,7 +23,7 @@ from cropmap.availability import monthly_report
 from cropmap.grid import Grid, tile_window, tiles
 from cropmap.io import atomic_path
 from cropmap.labels import NODATA
-from cropmap.modalities import MODALITIES, TEMPORAL
+from cropmap.modalities import TEMPORAL, bit
 
 
 def summarise(map_tif: Path, stack_dir: Path, grid: Grid, months: Sequence[str], modalities: Sequence[str],
@@ -43,7 +43,7 @@ def summarise(map_tif: Path, stack_dir: Path, grid: Grid, months: Sequence[str],
             if n == cls.size:
                 empty.append(name)
             for m in modalities:
-                bit_counts[m] += int((bits & (1 << MODALITIES.index(m)) > 0).sum())
+                bit_counts[m] += int((bits & bit(m) > 0).sum())
     total = grid.width * grid.height
     temporal = [m for m in modalities if TEMPORAL[m]]
     per_month: dict[str, dict[str, float]] = {mo: {} for mo in months}

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from cropmap.modalities import BANDS
+from cropmap.modalities import n_channels
 
 
 def fit_stats(samples: Mapping[str, np.ndarray], layout: str) -> dict[str, tuple[list[float], list[float]]]:
@@ -24,7 +24,7 @@ def fit_stats(samples: Mapping[str, np.ndarray], layout: str) -> dict[str, tuple
     """
     stats = {}
     for m, x in samples.items():
-        c = len(BANDS[m])
+        c = n_channels(m)
         if layout == "pixels":
             flat = x.reshape(-1, c)
         else:

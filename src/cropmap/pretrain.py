@@ -2,8 +2,8 @@
 
 No labels are used: chips come from ``chips.parquet`` (every split except ``exclude_splits``,
 by default the test split, so test inputs never shape the encoder) and are read with
-:class:`cropmap.tiles.ChipDataset`; per-channel z-scores are fitted on them
-(:func:`cropmap.normalize.fit_stats`). The objective is :class:`cropmap.models.imt.IMTPretrainer`:
+:class:`cropmap.datasets.ChipDataset`; per-channel z-scores are fitted on them
+(:func:`cropmap.normalize.fit_stats`). The objective is :class:`cropmap.models.imt_pretrain.IMTPretrainer`:
 MultiMAE masking with a Dirichlet(alpha) token budget across modalities, per-modality
 reconstruction of the masked patches (MSE s2/s1/weather, L1 dem) and InfoNCE between each
 modality's global vector and the fusion vector. Optimiser as in the paper: AdamW (lr 1e-4,
@@ -29,26 +29,17 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 
+from cropmap.datasets import ChipDataset
+from cropmap.device import resolve_device
 from cropmap.grid import Grid
 from cropmap.io import atomic_path
-from cropmap.modalities import BANDS
+from cropmap.modalities import n_channels
 from cropmap.models.imt import build_encoder, imt_config
 from cropmap.models.imt_pretrain import IMTPretrainer
 from cropmap.models.spatial import flat_channels
 from cropmap.normalize import Normalizer, fit_stats
-from cropmap.tiles import ChipDataset
 
 log = logging.getLogger(__name__)
-
-
-def _device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(
-            "pretrain device is 'cuda' but no CUDA device is visible; use auto or cpu"
-        )
-    return torch.device(device)
 
 
 def _stats(ds: ChipDataset, n: int, seed: int) -> dict[str, tuple[list[float], list[float]]]:
@@ -106,7 +97,7 @@ def run(
         exclude_splits: chip splits left out (default: the test split).
         stats_chips: chips used to fit the normalisation statistics.
         visible_fraction, alpha, temperature, contrastive_weight: the objective (see
-            :class:`~cropmap.models.imt.IMTPretrainer`).
+            :class:`~cropmap.models.imt_pretrain.IMTPretrainer`).
         num_workers: DataLoader workers.
         **size: ``patch``, ``dim``, ``depth``, ``heads``, ``fusion_grid``, ``dec_dim``,
             ``dec_depth`` overrides of the preset.
@@ -120,7 +111,7 @@ def run(
     """
     t0 = time.time()
     torch.manual_seed(seed)
-    dev = _device(device)
+    dev = resolve_device(device, "training.device")
     labels_tif = Path(labels_tif) if labels_tif else Path(chips_parquet).parent / "labels.tif"
     if not labels_tif.exists():
         raise FileNotFoundError(
@@ -141,7 +132,7 @@ def run(
     stats = _stats(ds, stats_chips, seed)
     norm = Normalizer(stats).to(dev)
     cfg = imt_config(preset, **{k: v for k, v in size.items() if k not in ("dec_dim", "dec_depth")})
-    dims = flat_channels({m: len(BANDS[m]) for m in modalities}, len(months), modalities)
+    dims = flat_channels({m: n_channels(m) for m in modalities}, len(months), modalities)
     encoder = build_encoder(modalities, dims, cfg)
     rng = torch.Generator().manual_seed(seed)
     model = IMTPretrainer(

@@ -3,8 +3,10 @@
 Lightning drives the loop: CUDA with bf16 autocast when a GPU is present, CPU otherwise,
 seeded, early stopping on the validation split (never the test split), a progress bar,
 and ``last.ckpt`` after every epoch so a killed run resumes where it stopped. The final
-``model.ckpt`` is a plain ``torch.save`` bundle: weights, the factory arguments, the
-normalisation statistics, the class table, modalities and months.
+``model.ckpt`` is a plain ``torch.save`` bundle (:mod:`cropmap.predict.bundle`): weights, the
+factory arguments, the normalisation statistics, the class table, modalities and months.
+``train_summary.json`` (also inside the bundle) says how training went, with the per-epoch
+history of every logged loss term and validation metric (:class:`EpochHistory`).
 
 Resuming is exact: the training order of epoch ``e`` is a permutation drawn from
 ``(seed, e)`` (:class:`EpochShuffleSampler`), the data loaders draw from their own generators,
@@ -32,17 +34,19 @@ import lightning as L
 import numpy as np
 import pandas as pd
 import torch
-from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from cropmap.datasets import ChipDataset, PixelSamples, sample_pixels
+from cropmap.device import resolve_device
 from cropmap.grid import Grid
 from cropmap.io import atomic_path
 from cropmap.io import fingerprint as io_fingerprint
-from cropmap.modalities import BANDS, TEMPORAL
+from cropmap.modalities import n_channels
 from cropmap.models import build_model
 from cropmap.normalize import Normalizer, fit_stats
-from cropmap.tiles import ChipDataset, PixelSamples, sample_pixels
+from cropmap.predict.bundle import save_bundle
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +118,31 @@ class CoLearningModule(L.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.parameters(), lr=self.lr)
+
+
+class EpochHistory(Callback):
+    """Every epoch's logged metrics: ``epoch``, the ``train/*`` loss terms (epoch means) and
+    ``val_*`` (``val_loss``, ``val_acc``, ...), as the CSV logger writes them.
+
+    The history is part of the callback's checkpoint state, so a run resumed from ``last.ckpt``
+    still reports every epoch (the CSV logger starts its file again on a resumed run).
+    """
+
+    def __init__(self) -> None:
+        self.history: list[dict[str, float]] = []
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        row: dict[str, float] = {"epoch": trainer.current_epoch}
+        for k, v in sorted(trainer.callback_metrics.items()):
+            if k.startswith(("train/", "val_")):
+                row[k] = float(v)
+        self.history.append(row)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": [dict(r) for r in self.history]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history = [dict(r) for r in state_dict["history"]]
 
 
 def rng_state() -> dict[str, Any]:
@@ -247,7 +276,7 @@ class TrainSettings:
         """Arguments of :func:`cropmap.models.build_model` (without class weights)."""
         return {
             "method": self.method, "task": self.task, "modalities": self.modalities,
-            "in_channels": {m: len(BANDS[m]) for m in self.modalities}, "n_steps": len(self.months),
+            "in_channels": {m: n_channels(m) for m in self.modalities}, "n_steps": len(self.months),
             "n_classes": n_classes(self.classes), "hidden": self.hidden, "encoders": self.encoders or None,
             **self.method_options,
         }
@@ -259,12 +288,8 @@ def n_classes(classes: Sequence[dict]) -> int:
 
 
 def accelerator(device: str) -> str:
-    """Lightning accelerator for a config device (``auto`` picks CUDA when present)."""
-    if device == "cuda" or (device == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise RuntimeError("training.device is 'cuda' but no CUDA device is visible; set it to auto or cpu")
-        return "gpu"
-    return "cpu"
+    """Lightning accelerator for ``training.device`` (:func:`cropmap.device.resolve_device`)."""
+    return "gpu" if resolve_device(device, "training.device").type == "cuda" else "cpu"
 
 
 def precision(setting: str, acc: str) -> str:
@@ -298,11 +323,15 @@ def chip_labels(ds: ChipDataset) -> np.ndarray:
 
 
 def run(settings: TrainSettings, stack_dir: Path, labels_tif: Path, chips_parquet: Path, grid: Grid,
-        out_ckpt: Path, work_dir: Path) -> dict[str, Any]:
+        out_ckpt: Path, work_dir: Path, summary_json: Path | None = None) -> dict[str, Any]:
     """Train and write ``model.ckpt``; resume from ``work_dir/last.ckpt`` if a previous run was killed.
 
+    Args:
+        summary_json: where the training summary goes (default ``train_summary.json`` beside
+            ``out_ckpt``).
+
     Returns:
-        Training summary (epochs run, best validation loss, samples, device).
+        Training summary (epochs run, best validation loss, samples, device, per-epoch history).
     """
     torch.set_num_threads(max(1, int(os.environ.get("CROPMAP_THREADS", torch.get_num_threads()))))
     inputs = [labels_tif, chips_parquet, *sorted(stack_dir.glob("*.tif"))]
@@ -315,7 +344,7 @@ def run(settings: TrainSettings, stack_dir: Path, labels_tif: Path, chips_parque
                                 settings.modalities, settings.pixels_per_class, settings.min_valid_fraction,
                                 settings.seed, splits=("train", "val"))
         train_s, val_s = samples.subset(np.flatnonzero(samples.split == 0)), samples.subset(np.flatnonzero(samples.split == 1))
-        return fit_pixels(settings, train_s, val_s, out_ckpt, work_dir, inputs=inputs)
+        return fit_pixels(settings, train_s, val_s, out_ckpt, work_dir, inputs=inputs, summary_json=summary_json)
     args = (stack_dir, labels_tif)
     tr = chips[(chips.split == "train") & (chips.n_labelled > 0)]
     va = chips[(chips.split == "val") & (chips.n_labelled > 0)]
@@ -324,11 +353,12 @@ def run(settings: TrainSettings, stack_dir: Path, labels_tif: Path, chips_parque
     if len(tr) == 0 or len(va) == 0:
         raise ValueError(f"{labels_tif}: {len(tr)} training and {len(va)} validation chips with labels; enlarge the region or lower split.block_size")
     return fit(settings, train_ds, val_ds, chip_stats(train_ds, 256, settings.seed),
-               balanced_weights(chip_labels(train_ds), n_classes(settings.classes)), out_ckpt, work_dir, inputs=inputs)
+               balanced_weights(chip_labels(train_ds), n_classes(settings.classes)), out_ckpt, work_dir, inputs=inputs,
+               summary_json=summary_json)
 
 
 def fit_pixels(settings: TrainSettings, train_s: PixelSamples, val_s: PixelSamples, out_ckpt: Path, work_dir: Path,
-               inputs: Sequence[Path] = ()) -> dict[str, Any]:
+               inputs: Sequence[Path] = (), summary_json: Path | None = None) -> dict[str, Any]:
     """Train a classification model on in-memory pixel samples (regions or sample tables).
 
     Normalisation statistics and class weights come from ``train_s`` only; ``inputs`` are the
@@ -338,15 +368,17 @@ def fit_pixels(settings: TrainSettings, train_s: PixelSamples, val_s: PixelSampl
         raise ValueError(f"{len(train_s)} training and {len(val_s)} validation pixels: both splits need labelled samples")
     stats = fit_stats(train_s.x, "pixels")
     weights = balanced_weights(train_s.y, n_classes(settings.classes))
-    return fit(settings, PixelDataset(train_s), PixelDataset(val_s), stats, weights, out_ckpt, work_dir, inputs=inputs)
+    return fit(settings, PixelDataset(train_s), PixelDataset(val_s), stats, weights, out_ckpt, work_dir, inputs=inputs,
+               summary_json=summary_json)
 
 
 def fit(settings: TrainSettings, train_ds: Dataset, val_ds: Dataset, stats: dict, weights: list[float],
-        out_ckpt: Path, work_dir: Path, inputs: Sequence[Path] = ()) -> dict[str, Any]:
+        out_ckpt: Path, work_dir: Path, inputs: Sequence[Path] = (), summary_json: Path | None = None) -> dict[str, Any]:
     """Run the Lightning loop and write the ``model.ckpt`` bundle (resuming from ``last.ckpt``).
 
     The checkpoints in ``work_dir`` are deleted once ``model.ckpt`` is written, so only a killed
-    run is ever resumed.
+    run is ever resumed. The summary goes to ``summary_json`` (default ``train_summary.json``
+    beside ``out_ckpt``) and into the bundle.
     """
     L.seed_everything(settings.seed, workers=True)
     n_train, n_val = len(train_ds), len(val_ds)  # type: ignore[arg-type]
@@ -362,10 +394,11 @@ def fit(settings: TrainSettings, train_ds: Dataset, val_ds: Dataset, stats: dict
                         generator=torch.Generator().manual_seed(settings.seed), **loader_kw)
     resume = resume_checkpoint(work_dir, fingerprint(settings, inputs))
     ckpt_cb = ModelCheckpoint(dirpath=work_dir, filename="best", monitor="val_loss", mode="min", save_last=True)
+    history = EpochHistory()
     trainer = L.Trainer(
         max_epochs=settings.epochs, accelerator=acc, devices=settings.devices, strategy=settings.strategy,
         precision=prec,  # type: ignore[arg-type]
-        callbacks=[ckpt_cb, EarlyStopping("val_loss", patience=settings.patience, mode="min")],
+        callbacks=[history, ckpt_cb, EarlyStopping("val_loss", patience=settings.patience, mode="min")],
         default_root_dir=work_dir, logger=L.pytorch.loggers.CSVLogger(work_dir, name="logs", version=0),
         deterministic=acc == "cpu", enable_progress_bar=True, log_every_n_steps=10, enable_model_summary=False,
         use_distributed_sampler=False,  # EpochShuffleSampler shards by rank itself
@@ -383,35 +416,17 @@ def fit(settings: TrainSettings, train_ds: Dataset, val_ds: Dataset, stats: dict
         "task": settings.task, "method": settings.method, "epochs": int(trainer.current_epoch),
         "best_val_loss": float(ckpt_cb.best_model_score) if ckpt_cb.best_model_score is not None else None,
         "n_train": n_train, "n_val": n_val, "accelerator": acc, "precision": prec, "resumed": resume is not None,
-        "world_size": world, "strategy": settings.strategy,
+        "world_size": world, "strategy": settings.strategy, "history": history.history,
     }
     module.load_state_dict(state)
-    save_bundle(module, settings, out_ckpt, summary)
-    with atomic_path(out_ckpt.parent / "train_summary.json") as tmp:
+    save_bundle(out_ckpt, module.model, module.norm, model_kwargs=settings.model_kwargs(), classes=settings.classes,
+                modalities=settings.modalities, months=settings.months, task=settings.task,
+                min_valid_fraction=settings.min_valid_fraction, class_weights=module.hparams["class_weights"],
+                summary=summary)
+    with atomic_path(summary_json or out_ckpt.parent / "train_summary.json") as tmp:
         tmp.write_text(json.dumps(summary, indent=2))
     log.info("rank %d of %d: wrote %s", rank, world, out_ckpt)
     for f in work_dir.glob("*.ckpt"):  # done: nothing left to resume
         f.unlink()
     return summary
 
-
-def save_bundle(module: CoLearningModule, settings: TrainSettings, out: Path, summary: dict[str, Any]) -> None:
-    """Write the ``model.ckpt`` bundle read by :func:`load_bundle` (atomic)."""
-    bundle = {
-        "state_dict": module.state_dict(), "model_kwargs": settings.model_kwargs(), "stats": module.norm.stats(),
-        "classes": settings.classes, "modalities": settings.modalities, "months": settings.months,
-        "task": settings.task, "min_valid_fraction": settings.min_valid_fraction,
-        "class_weights": module.hparams["class_weights"], "summary": summary,
-        "temporal": {m: TEMPORAL[m] for m in settings.modalities},
-    }
-    with atomic_path(out) as tmp:
-        torch.save(bundle, tmp)
-
-
-def load_bundle(path: Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, Normalizer, dict]:
-    """Rebuild the model and normaliser of a ``model.ckpt`` (eval mode, on ``device``)."""
-    bundle = torch.load(path, map_location="cpu", weights_only=False)
-    module = CoLearningModule(bundle["model_kwargs"], bundle["stats"], 1e-3, bundle["class_weights"])
-    module.load_state_dict(bundle["state_dict"])
-    module.eval().to(device)
-    return module.model, module.norm, bundle

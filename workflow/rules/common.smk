@@ -33,6 +33,10 @@ try:
 except ConfigError as exc:
     sys.exit(f"cropmap: invalid config: {exc}")
 
+# The software environment of every rule (--software-deployment-method conda), relative to the
+# rule files in workflow/rules.
+CONDA_ENV = "../../envs/cropmap.yaml"
+
 DATA = config["data_dir"]
 RESULTS = config["results_dir"]
 MODELS = config["models_dir"]
@@ -69,6 +73,7 @@ def region_tiles(region):
 
 
 def model_of(wc):
+    """The model that maps a region: its own, or that of its model_from region."""
     return f"{MODELS}/{model_region(config, wc.region)}/{TASK}/model.ckpt"
 
 
@@ -78,7 +83,7 @@ def labelled_regions():
 
 def fold_inputs(wc):
     """Labels and chips of one cross-validation fold: the labels stage's own split when
-    compare.folds is 1, else the fold's copy written by rule compare_fold."""
+    compare.folds is 1, else the fold's copy written by rule fold."""
     if config["compare"]["folds"] == 1:
         return {"labels": f"{DATA}/{wc.region}/labels.tif", "chips": f"{DATA}/{wc.region}/chips.parquet"}
     return {
@@ -90,3 +95,15 @@ def fold_inputs(wc):
 def pretrained_input(method, region):
     """The pretrain checkpoint a training job needs (none unless imt with model.pretrain.enabled)."""
     return [pretrain_path(config, region)] if uses_pretraining(config, method) else []
+
+
+def report_files(region):
+    """What the report shows of a region; the training summary is that of the model that mapped it."""
+    return {
+        "metrics": f"{RESULTS}/{region}/metrics.csv" if has_labels(config, region) else "",
+        "quicklook": f"{RESULTS}/{region}/quicklook.png",
+        "availability": f"{DATA}/{region}/availability.json",
+        "summary": f"{MODELS}/{model_region(config, region)}/{TASK}/train_summary.json",
+        "expected": f"{RESULTS}/{region}/expected_f1.tif",
+        "coverage": f"{RESULTS}/{region}/coverage.json",
+    }

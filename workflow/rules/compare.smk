@@ -1,4 +1,4 @@
-rule compare_fold:
+rule fold:
     """Labels and chips of one fold of spatial cross-validation (compare.folds > 1)."""
     input:
         labels=rules.labels.output.tif,
@@ -11,7 +11,7 @@ rule compare_fold:
     log:
         f"logs/{{region}}/compare/fold{{fold}}.log",
     conda:
-        "../../envs/cropmap.yaml"
+        CONDA_ENV
     threads: 1
     resources:
         mem_mb=2000,
@@ -21,54 +21,33 @@ rule compare_fold:
         " --fold {wildcards.fold} --out-tif {output.labels} --out-chips {output.chips} > {log} 2>&1"
 
 
-rule train_compare:
-    """Train one method of the comparison protocol (same splits and seed as every other)."""
+use rule train as train_compare with:
     input:
         unpack(fold_inputs),
         stack=rules.stack.output,
         pretrained=lambda wc: pretrained_input(wc.method, wc.region),
     output:
-        f"{MODELS}/{{region}}/compare/fold{{fold}}/{{method}}/{{task}}/model.ckpt",
+        ckpt=f"{MODELS}/{{region}}/compare/fold{{fold}}/{{method}}/{{task}}/model.ckpt",
+        summary=f"{MODELS}/{{region}}/compare/fold{{fold}}/{{method}}/{{task}}/train_summary.json",
     params:
         p=lambda wc: dumps(stage_params(config, "train", wc.region, method=wc.method)),
         work=f"{MODELS}/{{region}}/compare/fold{{fold}}/{{method}}/{{task}}/lightning",
     log:
         f"logs/{{region}}/compare/fold{{fold}}/train_{{method}}_{{task}}.log",
-    conda:
-        "../../envs/cropmap.yaml"
-    threads: workflow.cores
-    resources:
-        mem_mb=8000,
-        runtime=240,
-        gpu=gpus(config["training"]),
-    shell:
-        "CROPMAP_THREADS={threads} python -m cropmap train --params {params.p:q} --task {wildcards.task}"
-        " --stack-dir {input.stack} --labels {input.labels} --chips {input.chips} --out {output}"
-        " --work-dir {params.work} > {log} 2>&1"
 
 
-rule evaluate_compare:
-    """Score one method on every non-empty subset of sensors (held-out test split)."""
+use rule metrics as metrics_compare with:
     input:
         unpack(fold_inputs),
-        model=rules.train_compare.output,
+        model=rules.train_compare.output.ckpt,
         stack=rules.stack.output,
     output:
         f"{RESULTS}/compare/{{region}}/fold{{fold}}/{{method}}_{{task}}.csv",
     params:
-        p=params_json("report"),
+        p=params_json("metrics"),
+        tags=lambda wc: f"--tag region={wc.region} --tag fold={wc.fold} --tag method={wc.method}",
     log:
-        f"logs/{{region}}/compare/fold{{fold}}/evaluate_{{method}}_{{task}}.log",
-    conda:
-        "../../envs/cropmap.yaml"
-    threads: 1
-    resources:
-        mem_mb=4000,
-        runtime=60,
-    shell:
-        "python -m cropmap report --params {params.p:q} --model {input.model} --stack-dir {input.stack}"
-        " --labels {input.labels} --chips {input.chips} --out {output}"
-        " --tag region={wildcards.region} --tag fold={wildcards.fold} --tag method={wildcards.method} > {log} 2>&1"
+        f"logs/{{region}}/compare/fold{{fold}}/metrics_{{method}}_{{task}}.log",
 
 
 rule compare:
@@ -88,7 +67,7 @@ rule compare:
     log:
         "logs/compare.log",
     conda:
-        "../../envs/cropmap.yaml"
+        CONDA_ENV
     threads: 1
     resources:
         mem_mb=1000,

@@ -9,7 +9,7 @@ rule fetch:
     log:
         f"logs/{{region}}/fetch.log",
     conda:
-        "../../envs/cropmap.yaml"
+        CONDA_ENV
     threads: 1
     resources:
         mem_mb=4000,

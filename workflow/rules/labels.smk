@@ -10,7 +10,7 @@ rule labels:
     log:
         f"logs/{{region}}/labels.log",
     conda:
-        "../../envs/cropmap.yaml"
+        CONDA_ENV
     threads: 1
     resources:
         mem_mb=2000,
@@ -32,7 +32,7 @@ rule chips:
     log:
         f"logs/{{region}}/chips.log",
     conda:
-        "../../envs/cropmap.yaml"
+        CONDA_ENV
     threads: 1
     resources:
         mem_mb=2000,

@@ -10,7 +10,7 @@ rule predict:
     log:
         f"logs/{{region}}/predict/{{tile}}.log",
     conda:
-        "../../envs/cropmap.yaml"
+        CONDA_ENV
     threads: 1
     resources:
         mem_mb=4000,

@@ -8,18 +8,19 @@ rule metrics:
     output:
         f"{RESULTS}/{{region}}/metrics.csv",
     params:
-        p=params_json("report"),
+        p=params_json("metrics"),
+        tags="",
     log:
         f"logs/{{region}}/metrics.log",
     conda:
-        "../../envs/cropmap.yaml"
+        CONDA_ENV
     threads: 1
     resources:
         mem_mb=4000,
         runtime=60,
     shell:
-        "python -m cropmap report --params {params.p:q} --model {input.model} --stack-dir {input.stack}"
-        " --labels {input.labels} --chips {input.chips} --out {output} > {log} 2>&1"
+        "python -m cropmap metrics --params {params.p:q} --model {input.model} --stack-dir {input.stack}"
+        " --labels {input.labels} --chips {input.chips} --out {output} {params.tags} > {log} 2>&1"
 
 
 rule coverage:
@@ -34,7 +35,7 @@ rule coverage:
     log:
         f"logs/{{region}}/coverage.log",
     conda:
-        "../../envs/cropmap.yaml"
+        CONDA_ENV
     threads: 1
     resources:
         mem_mb=1000,
@@ -52,29 +53,18 @@ rule report:
         availability=expand(f"{DATA}/{{region}}/availability.json", region=REGIONS),
         expected=expand(f"{RESULTS}/{{region}}/expected_f1.tif", region=REGIONS),
         coverage=expand(f"{RESULTS}/{{region}}/coverage.json", region=REGIONS),
+        summaries=sorted({report_files(r)["summary"] for r in REGIONS}),
     output:
         f"{RESULTS}/report.html",
     params:
-        regions=lambda wc, input: dumps(
-            {
-                r: {
-                    "metrics": f"{RESULTS}/{r}/metrics.csv" if has_labels(config, r) else "",
-                    "quicklook": f"{RESULTS}/{r}/quicklook.png",
-                    "availability": f"{DATA}/{r}/availability.json",
-                    "summary": f"{MODELS}/{r}/{TASK}/train_summary.json",
-                    "expected": f"{RESULTS}/{r}/expected_f1.tif",
-                    "coverage": f"{RESULTS}/{r}/coverage.json",
-                }
-                for r in REGIONS
-            }
-        ),
+        regions=lambda wc: dumps({r: report_files(r) for r in REGIONS}),
     log:
         "logs/report.log",
     conda:
-        "../../envs/cropmap.yaml"
+        CONDA_ENV
     threads: 1
     resources:
         mem_mb=1000,
         runtime=10,
     shell:
-        "python -m cropmap html --regions {params.regions:q} --out {output} > {log} 2>&1"
+        "python -m cropmap report --regions {params.regions:q} --out {output} > {log} 2>&1"

@@ -9,7 +9,7 @@ rule stack:
     log:
         f"logs/{{region}}/stack.log",
     conda:
-        "../../envs/cropmap.yaml"
+        CONDA_ENV
     threads: min(4, workflow.cores)
     resources:
         mem_mb=4000,

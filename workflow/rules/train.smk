@@ -11,7 +11,7 @@ rule pretrain:
     log:
         f"logs/{{region}}/pretrain.log",
     conda:
-        "../../envs/cropmap.yaml"
+        CONDA_ENV
     threads: workflow.cores
     resources:
         mem_mb=8000,
@@ -30,14 +30,15 @@ rule train:
         chips=rules.chips.output,
         pretrained=lambda wc: pretrained_input(config["model"]["method"], wc.region),
     output:
-        f"{MODELS}/{{region}}/{{task}}/model.ckpt",
+        ckpt=f"{MODELS}/{{region}}/{{task}}/model.ckpt",
+        summary=f"{MODELS}/{{region}}/{{task}}/train_summary.json",
     params:
         p=params_json("train"),
         work=f"{MODELS}/{{region}}/{{task}}/lightning",
     log:
         f"logs/{{region}}/train_{{task}}.log",
     conda:
-        "../../envs/cropmap.yaml"
+        CONDA_ENV
     threads: workflow.cores
     resources:
         mem_mb=8000,
@@ -45,5 +46,5 @@ rule train:
         gpu=gpus(config["training"]),
     shell:
         "CROPMAP_THREADS={threads} python -m cropmap train --params {params.p:q} --task {wildcards.task}"
-        " --stack-dir {input.stack} --labels {input.labels} --chips {input.chips} --out {output}"
-        " --work-dir {params.work} > {log} 2>&1"
+        " --stack-dir {input.stack} --labels {input.labels} --chips {input.chips} --out {output.ckpt}"
+        " --summary {output.summary} --work-dir {params.work} > {log} 2>&1"

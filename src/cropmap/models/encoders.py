@@ -39,7 +39,7 @@ class TempCNN(nn.Module):
 
     ``[B, T, C]`` -> 2 x [Conv1d(k=5, pad 2, hidden) -> BN -> ReLU -> Dropout] -> flatten ->
     Linear(hidden*T, 4*hidden) -> BN -> ReLU -> Dropout -> Linear(4*hidden, hidden) -> ``[B, hidden]``.
-    With ``hidden=128`` this is exactly the METHODS.md encoder (512-unit dense layer).
+    With ``hidden=128`` this is exactly the authors' encoder (512-unit dense layer).
     """
 
     def __init__(self, in_channels: int, n_steps: int, hidden: int = 128, dropout: float = 0.2):

@@ -38,7 +38,7 @@ import rasterio
 
 from cropmap.errors import ConfigError, UnknownNameError
 from cropmap.grid import Grid
-from cropmap.modalities import BANDS, MODALITIES, band_descriptions
+from cropmap.modalities import MODALITIES, band_descriptions, n_channels
 
 #: Class names the generator has phenology for; ``classes`` in config may use any subset.
 SUPPORTED_CLASSES: tuple[str, ...] = (
@@ -743,7 +743,7 @@ def _write_s2(path: Path, grid: Grid, months: Sequence[str], doy: np.ndarray, fi
               p: dict[str, np.ndarray], opts: _Options) -> Path:
     rng = _rng(opts.seed, "s2")
     ndvi_f, flower_f = _ndvi_curves(p, doy)
-    nb = len(BANDS["s2"])
+    nb = n_channels("s2")
     h, w = grid.shape
     het = _upsample(_smooth_noise(rng, _coarse_shape(grid.shape, 8), 1.0), 8, grid.shape)
     veg = p["veg"].astype(np.float32)

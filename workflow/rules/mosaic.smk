@@ -12,18 +12,18 @@ rule mosaic:
         stac=f"{RESULTS}/{{region}}/map.json",
         **({"proba": f"{RESULTS}/{{region}}/probabilities.tif"} if PROBABILITIES else {}),
     params:
-        p=params_json("maps"),
+        p=params_json("mosaic"),
         proba=lambda wc: f"--proba {RESULTS}/{wc.region}/probabilities.tif" if PROBABILITIES else "",
     log:
         f"logs/{{region}}/mosaic.log",
     conda:
-        "../../envs/cropmap.yaml"
+        CONDA_ENV
     threads: 1
     resources:
         mem_mb=2000,
         runtime=30,
     shell:
-        "python -m cropmap maps --params {params.p:q} --tiles {input.tiles} --out {output.map}"
+        "python -m cropmap mosaic --params {params.p:q} --tiles {input.tiles} --out {output.map}"
         " --quicklook {output.quicklook} --stac {output.stac} {params.proba} > {log} 2>&1"
 
 
@@ -37,7 +37,7 @@ rule maps:
         expand(f"{RESULTS}/{{region}}/coverage.json", region=REGIONS),
 
 
-rule expected_accuracy:
+rule expected_f1:
     """Per pixel, the held-out weighted F1 of the sensor subset that pixel was mapped with."""
     input:
         map=f"{RESULTS}/{{region}}/map.tif",
@@ -47,10 +47,10 @@ rule expected_accuracy:
     log:
         f"logs/{{region}}/expected_f1.log",
     conda:
-        "../../envs/cropmap.yaml"
+        CONDA_ENV
     threads: 1
     resources:
         mem_mb=1000,
         runtime=10,
     shell:
-        "python -m cropmap expected --map {input.map} --metrics {input.metrics} --out {output} > {log} 2>&1"
+        "python -m cropmap expected_f1 --map {input.map} --metrics {input.metrics} --out {output} > {log} 2>&1"

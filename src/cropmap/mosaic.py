@@ -1,4 +1,4 @@
-"""Stage ``maps``: mosaic prediction tiles into a Cloud-Optimized GeoTIFF, plus a quicklook.
+"""Stage ``mosaic``: prediction tiles into one Cloud-Optimized GeoTIFF map, a quicklook and a STAC item.
 
 ``map.tif``: band 1 ``class`` (uint8, nodata 255, colour table, class names in metadata),
 band 2 ``confidence`` (0-100), band 3 ``modalities`` (bit m set when modality m was used,
@@ -76,13 +76,14 @@ def mosaic_to_cog(tiles: Sequence[Path], out: Path, grid: Grid, classes: Sequenc
                 pdst.descriptions = tuple(f"proba_{names.get(k, k)}" for k in range(n_bands - 3))
                 pdst.update_tags(**tags)
                 pdst.close()
-        _to_cog(mos, out)
+        to_cog(mos, out)
         write_palette_sidecars(out, classes)
         if with_proba and proba_out is not None:
-            _to_cog(pmos, proba_out, resampling="average")
+            to_cog(pmos, proba_out, resampling="average")
 
 
-def _to_cog(src: Path, out: Path, resampling: Literal["mode", "average", "nearest"] = "mode") -> None:
+def to_cog(src: Path, out: Path, resampling: Literal["mode", "average", "nearest"] = "mode") -> None:
+    """Copy the GeoTIFF ``src`` to ``out`` as a validated COG with internal overviews (atomic)."""
     profile = cog_profiles.get("deflate")
     with rasterio.open(src) as ds:
         blocksize = 256 if min(ds.width, ds.height) >= 256 else 64
@@ -221,41 +222,3 @@ def stac_item(map_tif: Path, out_json: Path, region: str, classes: Sequence[dict
     with atomic_path(out_json) as tmp:
         tmp.write_text(json.dumps(item, indent=2))
     return item
-
-
-def expected_accuracy(map_tif: Path, metrics_csv: Path, out: Path, metric: str = "f1_weighted") -> float:
-    """Expected-accuracy layer: per pixel, the held-out score of the sensor subset it was mapped with.
-
-    Reads the map's ``modalities`` bitmask block by block and looks each subset up in the
-    region's ``metrics.csv`` (one row per subset). Writes a uint8 COG (0-100, nodata 255 where the
-    map is nodata or the subset was never evaluated) and returns the mean over mapped pixels.
-    """
-    import pandas as pd
-
-    df = pd.read_csv(metrics_csv)
-    lut = np.full(256, NODATA, np.uint8)
-    for sub, v in zip(df["subset"], df[metric], strict=True):
-        if np.isfinite(v):
-            code = sum(1 << MODALITIES.index(m) for m in str(sub).split("+"))  # type: ignore[arg-type]
-            lut[code] = round(float(v))
-    total, count = 0.0, 0
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".expected.") as tmpd:
-        tmp = Path(tmpd) / "expected.tif"
-        with rasterio.open(map_tif) as src:
-            prof = src.profile | {"count": 1, "nodata": NODATA, "photometric": "MINISBLACK"}
-            with rasterio.open(tmp, "w", **prof) as dst:
-                for _, win in src.block_windows(3):
-                    bits = src.read(3, window=win)
-                    e = lut[bits]
-                    dst.write(e, 1, window=win)
-                    ok = e != NODATA
-                    total += float(e[ok].sum())
-                    count += int(ok.sum())
-                dst.set_band_description(1, f"expected_{metric}")
-                dst.update_tags(1, units="percent", source=str(metrics_csv.name),
-                                description="held-out score of the sensor subset each pixel was predicted with")
-        mean = total / count if count else float("nan")
-        with rasterio.open(tmp, "r+") as dst:
-            dst.update_tags(mean_expected=f"{mean:.2f}")
-        _to_cog(tmp, out, resampling="average")
-    return mean

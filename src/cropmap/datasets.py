@@ -1,19 +1,20 @@
-"""Stage ``chips`` and the sample readers: TorchGeo datasets over the region stacks.
+"""TorchGeo declarations of a region's rasters, and the two sample kinds read through them.
 
-Each modality stack is a :class:`~torchgeo.datasets.RasterDataset` declaration; chips are
-enumerated with :class:`~torchgeo.samplers.GridGeoSampler` aligned to the grid's top-left
-corner, so every chip lies inside one split block. ``chips.parquet`` lists every chip with its
-split, labelled-pixel count and per-modality presence.
+Each modality stack is a :class:`~torchgeo.datasets.RasterDataset` declaration
+(:class:`StackDataset` and one subclass per modality), ``labels.tif`` is :class:`LabelRaster`;
+chips are enumerated with :class:`~torchgeo.samplers.GridGeoSampler` aligned to the grid's
+top-left corner (:func:`aligned_chips`), so every chip lies inside one split block.
 
 Two sample kinds come out of the same chips:
 
-* pixel time series for classification: ``{m: [N, T, C]}`` (DEM ``[N, C]``), ``mask [N, M]``, ``y [N]``;
-* chips for segmentation: ``{m: [T*C, h, w]}`` (time-major channels), ``mask [M, h, w]``, ``y [h, w]``.
+* pixel time series for classification (:func:`sample_pixels` -> :class:`PixelSamples`):
+  ``{m: [N, T, C]}`` (DEM ``[N, C]``), ``mask [N, M]``, ``y [N]``;
+* chips for segmentation (:class:`ChipDataset`): ``{m: [T*C, h, w]}`` (time-major channels),
+  ``mask [M, h, w]``, ``y [h, w]``.
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,12 +32,10 @@ from tqdm import tqdm
 
 from cropmap.availability import presence_stack
 from cropmap.grid import Grid
-from cropmap.io import atomic_path
 from cropmap.labels import NODATA, SPLITS
-from cropmap.modalities import BANDS, TEMPORAL, band_descriptions
+from cropmap.modalities import TEMPORAL, band_descriptions, n_channels
 
-log = logging.getLogger(__name__)
-
+#: Label of pixels without a class in samples and chips (the loss ignores it).
 IGNORE_INDEX = -100
 
 
@@ -139,39 +138,9 @@ def read_query(ds: RasterDataset, query: tuple[slice, slice, slice]) -> np.ndarr
     return arr.numpy()
 
 
-def chip_table(stack_dir: Path, labels_tif: Path, grid: Grid, months: Sequence[str], modalities: Sequence[str],
-               size: int, min_valid_fraction: float) -> pd.DataFrame:
-    """Enumerate chips with split, labelled pixels and per-modality presence (share of pixels)."""
-    stacks = open_stacks(stack_dir, months, modalities)
-    labels = LabelRaster(labels_tif)
-    rows = []
-    chips = list(aligned_chips(labels, grid, size))
-    for row0, col0, q in tqdm(chips, desc="chips", unit="chip"):
-        lab = read_query(labels, q)
-        arrays = {m: read_query(ds, q) for m, ds in stacks.items()}
-        pres = presence_stack(arrays, modalities, min_valid_fraction, lab.shape[1:])
-        split_vals = np.unique(lab[1])
-        rec: dict[str, Any] = {
-            "row": row0, "col": col0, "size": size,
-            "xmin": q[0].start, "xmax": q[0].stop, "ymin": q[1].start, "ymax": q[1].stop,
-            "split": SPLITS[int(split_vals[0])] if len(split_vals) == 1 else "mixed",
-            "n_labelled": int((lab[0] != NODATA).sum()),
-        }
-        for i, m in enumerate(modalities):
-            rec[f"present_{m}"] = float(pres[i].mean())
-        rows.append(rec)
-    return pd.DataFrame(rows)
-
-
-def write_chips(df: pd.DataFrame, out: Path) -> None:
-    """Write the chip table atomically."""
-    with atomic_path(out) as tmp:
-        df.to_parquet(tmp, index=False)
-
-
 def to_time_series(x: np.ndarray, modality: str) -> np.ndarray:
     """``[T*C, ...]`` -> ``[..., T, C]`` for temporal modalities, ``[C, ...]`` -> ``[..., C]`` for static ones."""
-    c = len(BANDS[modality])
+    c = n_channels(modality)
     if TEMPORAL[modality]:
         t = x.shape[0] // c
         y = x.reshape(t, c, *x.shape[1:])
@@ -242,7 +211,7 @@ def sample_pixels(stack_dir: Path, labels_tif: Path, chips: pd.DataFrame, grid: 
                 xs[m].append(to_time_series(arrays[m], m)[sel])
             else:
                 t = len(months) if TEMPORAL[m] else None
-                shape = (int(sel.sum()), t, len(BANDS[m])) if t else (int(sel.sum()), len(BANDS[m]))
+                shape = (int(sel.sum()), t, n_channels(m)) if t else (int(sel.sum()), n_channels(m))
                 xs[m].append(np.full(shape, np.nan, np.float32))
         masks.append(pres[:, sel].T)
         ys.append(lab[0][sel].astype(np.int64))
@@ -291,12 +260,3 @@ class ChipDataset(Dataset):
         y[lab[0] == NODATA] = IGNORE_INDEX
         out["y"] = torch.from_numpy(y)
         return out
-
-
-def run(stack_dir: Path, labels_tif: Path, out: Path, grid: Grid, months: Sequence[str], modalities: Sequence[str],
-        size: int, min_valid_fraction: float) -> pd.DataFrame:
-    """Write ``chips.parquet`` and return it."""
-    df = chip_table(stack_dir, labels_tif, grid, months, modalities, size, min_valid_fraction)
-    write_chips(df, out)
-    log.info("%d chips: %s", len(df), df["split"].value_counts().to_dict())
-    return df

@@ -11,7 +11,7 @@ import rasterio
 from rasterio.windows import Window
 from rio_cogeo.cogeo import cog_validate
 
-from cropmap import maps
+from cropmap import mosaic
 from cropmap.grid import Grid, tile_window, tiles
 from cropmap.labels import NODATA
 from cropmap.predict import TileResult, write_tile
@@ -60,7 +60,7 @@ def mapped(tmp_path_factory: pytest.TempPathFactory, grid: Grid, truth: np.ndarr
         paths[-1].parent.mkdir(exist_ok=True)
         write_tile(res, paths[-1], grid, w, probabilities=True)
     out, proba_out = d / "map.tif", d / "probabilities.tif"
-    maps.mosaic_to_cog(paths, out, grid, CLASSES, tags={"cropmap_region": "test"}, proba_out=proba_out)
+    mosaic.mosaic_to_cog(paths, out, grid, CLASSES, tags={"cropmap_region": "test"}, proba_out=proba_out)
     return out, proba_out
 
 
@@ -116,7 +116,7 @@ def test_probability_cog_validates_and_sums_to_about_100(mapped: tuple[Path, Pat
 
 
 def test_stac_item_describes_bands_classes_dates(mapped: tuple[Path, Path], tmp_path: Path) -> None:
-    item = maps.stac_item(mapped[0], tmp_path / "map.json", "test", CLASSES, bbox=[4.8, 45.7, 4.93, 45.79],
+    item = mosaic.stac_item(mapped[0], tmp_path / "map.json", "test", CLASSES, bbox=[4.8, 45.7, 4.93, 45.79],
                           months=["2023-01", "2023-12"], sources={"s2": "synthetic"}, model={"method": "comiss"},
                           proba_tif=mapped[1])
     assert json.loads((tmp_path / "map.json").read_text()) == item
@@ -134,5 +134,5 @@ def test_stac_item_describes_bands_classes_dates(mapped: tuple[Path, Path], tmp_
 
 def test_quicklook_png_is_written(mapped: tuple[Path, Path], tmp_path: Path) -> None:
     png = tmp_path / "quicklook.png"
-    maps.quicklook(mapped[0], png, CLASSES, max_px=256)
+    mosaic.quicklook(mapped[0], png, CLASSES, max_px=256)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,0 +1,30 @@
+"""Where models run: the one place that turns a config ``device`` setting into a torch device."""
+
+from __future__ import annotations
+
+import torch
+
+from cropmap.errors import ConfigError
+
+
+def resolve_device(setting: str, key: str) -> torch.device:
+    """The torch device of a config ``device`` setting.
+
+    Args:
+        setting: ``auto`` (CUDA when a GPU is visible, else the CPU), ``cpu``, ``cuda`` or
+            ``cuda:N``.
+        key: the config key the setting comes from (``training.device``,
+            ``prediction.device``), named in errors.
+
+    Raises:
+        ConfigError: CUDA is asked for and none is visible, or the setting is unknown.
+    """
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if setting == "cpu":
+        return torch.device("cpu")
+    if setting == "cuda" or setting.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"config key {key} is {setting!r} but no CUDA device is visible; set it to auto or cpu")
+        return torch.device(setting)
+    raise ConfigError(f"config key {key}: {setting!r} is not a device; use auto, cpu or cuda")

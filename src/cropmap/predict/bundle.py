@@ -1,0 +1,78 @@
+"""The ``model.ckpt`` bundle: everything needed to apply a trained model, in one ``torch.save`` file.
+
+Keys: ``state_dict`` (the model's weights under ``model.*`` and the normalisation buffers under
+``norm.*``), ``model_kwargs`` (the :func:`cropmap.models.build_model` arguments), ``stats``
+(per-channel z-scores), ``classes``, ``modalities``, ``months``, ``task``,
+``min_valid_fraction``, ``class_weights``, ``summary`` (the training summary) and ``temporal``
+(per modality, whether it has a time axis). :func:`save_bundle` writes it (the ``train``
+stage), :func:`load_bundle` rebuilds the model from the factory without Lightning.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from cropmap.io import atomic_path
+from cropmap.modalities import TEMPORAL
+from cropmap.models import build_model
+from cropmap.normalize import Normalizer
+
+
+def save_bundle(out: Path, model: nn.Module, norm: Normalizer, *, model_kwargs: Mapping[str, Any],
+                classes: Sequence[dict], modalities: Sequence[str], months: Sequence[str], task: str,
+                min_valid_fraction: float, class_weights: Sequence[float] | None,
+                summary: Mapping[str, Any]) -> None:
+    """Write the ``model.ckpt`` bundle read by :func:`load_bundle` (atomic).
+
+    Args:
+        out: the bundle path.
+        model: the trained model (a :class:`~cropmap.models.CoLearningModel`).
+        norm: its input normalisation.
+        model_kwargs: the :func:`~cropmap.models.build_model` arguments (without class weights).
+        classes: the class table.
+        modalities: the modalities, in the order of the model's mask.
+        months: the season months of the temporal inputs.
+        task: ``classification`` or ``segmentation``.
+        min_valid_fraction: the presence threshold the model was trained with.
+        class_weights: the weights of the supervised loss, or None.
+        summary: the training summary.
+    """
+    state = {f"model.{k}": v for k, v in model.state_dict().items()}
+    state |= {f"norm.{k}": v for k, v in norm.state_dict().items()}
+    bundle = {
+        "state_dict": state, "model_kwargs": dict(model_kwargs), "stats": norm.stats(),
+        "classes": list(classes), "modalities": list(modalities), "months": list(months),
+        "task": task, "min_valid_fraction": min_valid_fraction,
+        "class_weights": class_weights, "summary": dict(summary),
+        "temporal": {m: TEMPORAL[m] for m in modalities},
+    }
+    with atomic_path(out) as tmp:
+        torch.save(bundle, tmp)
+
+
+def load_bundle(path: Path, device: str | torch.device = "cpu") -> tuple[nn.Module, Normalizer, dict]:
+    """Rebuild the model and normaliser of a ``model.ckpt`` (eval mode, on ``device``).
+
+    Returns:
+        ``(model, normaliser, bundle)``; ``bundle`` is the whole dictionary (see the module
+        docstring).
+    """
+    bundle = torch.load(path, map_location="cpu", weights_only=False)
+    weights = bundle["class_weights"]
+    model = build_model(**bundle["model_kwargs"],
+                        class_weights=torch.tensor(weights, dtype=torch.float32) if weights else None)
+    norm = Normalizer(bundle["stats"])
+    parts: dict[str, dict[str, torch.Tensor]] = {"model": {}, "norm": {}}
+    for key, value in bundle["state_dict"].items():
+        head, _, rest = key.partition(".")
+        if head not in parts:
+            raise ValueError(f"{path}: unexpected weight {key!r}; is it a cropmap model.ckpt?")
+        parts[head][rest] = value
+    model.load_state_dict(parts["model"])
+    norm.load_state_dict(parts["norm"])
+    return model.eval().to(device), norm.eval().to(device), bundle

@@ -1,0 +1,52 @@
+"""Labelled sample tables as training data, and the missing-sensor comparison on them.
+
+Two layouts are read into :class:`~cropmap.datasets.PixelSamples` (``docs/sample_tables.md``
+describes both precisely, so a user with another table can convert to one of them):
+
+* **WorldCereal point extractions** (:func:`load_worldcereal`): one row per point, wide columns
+  ``OPTICAL-B02-ts{t}-10m`` ... ``SAR-VV-ts{t}-20m`` ... ``METEO-*-ts{t}-100m``,
+  ``DEM-alt-20m``, ``DEM-slo-20m``, the crop code ``ewoc_code``, ``lat``/``lon``.
+* **CropHarvest arrays** (:func:`load_cropharvest`): ``X [N, 12, 18]`` in the band order of
+  :data:`CROPHARVEST_ORDER` (``.npz`` or ``.h5``), plus real Earth Engine exports in the
+  CropHarvest layout (GeoTIFF, unlabelled, decoded with
+  :func:`cropmap.sources.earthengine.decode_cropharvest_export`).
+
+Every value is converted to the units of cropmap's modalities (:data:`cropmap.modalities.BANDS`):
+S2 surface reflectance 0-1, S1 backscatter in dB, 2 m temperature in K, precipitation in metres
+per month, elevation in m, slope in degrees; invalid values are NaN. Presence masks follow
+:func:`cropmap.availability.present` (a temporal modality is present when at least
+``min_valid_fraction`` of its months have every channel finite; DEM when both bands are finite).
+
+Splits are spatial: samples are grouped by ``cell_deg`` x ``cell_deg`` lat/lon cells and whole
+cells are assigned to train / val / test with a seeded stratified group k-fold, so no cell (and
+no field sampled several times) is in two splits.
+
+:func:`compare_table` then trains every method on the same splits and seed and scores each on
+every non-empty subset of modalities (the protocol of Mena, Ienco, Dantas & Interdonato 2025,
+Table 1).
+
+Modules: ``common`` (class names and colours, presence masks, spatial splits), ``worldcereal``,
+``cropharvest``, ``comparison``; the names below are re-exported here.
+"""
+
+from cropmap.tables.common import location_groups, months_from, presence_mask, spatial_split
+from cropmap.tables.comparison import class_counts, compare_table
+from cropmap.tables.cropharvest import (
+    CROPHARVEST_ORDER,
+    DAYS_PER_MONTH,
+    decode_export,
+    from_cropharvest_array,
+    load_cropharvest,
+)
+from cropmap.tables.worldcereal import (
+    decode_worldcereal,
+    ewoc_classes,
+    load_worldcereal,
+    worldcereal_months,
+)
+
+__all__ = [
+    "CROPHARVEST_ORDER", "DAYS_PER_MONTH", "class_counts", "compare_table", "decode_export", "decode_worldcereal",
+    "ewoc_classes", "from_cropharvest_array", "load_cropharvest", "load_worldcereal", "location_groups",
+    "months_from", "presence_mask", "spatial_split", "worldcereal_months",
+]

@@ -1,0 +1,110 @@
+"""What the sample-table readers share: class names and colours, presence masks, spatial splits."""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+
+from cropmap.availability import present
+from cropmap.datasets import PixelSamples
+from cropmap.modalities import MODALITIES, TEMPORAL
+
+#: Colours of common class names; others take the tab20 palette in order.
+COLOURS: dict[str, str] = {
+    "maize": "#3f8f29", "sorghum": "#c98c2a", "millet": "#e0b96a", "wheat": "#e6c229", "barley": "#f1a208",
+    "rice": "#6fc3df", "groundnuts": "#a0522d", "sunflower": "#d1495b", "soybean": "#00798c",
+    "rapeseed": "#f7f052", "cassava": "#7b3f99", "beans": "#8c6d31", "cotton": "#e7cba9",
+    "trees_mixed": "#1b5e20", "trees": "#1b5e20", "grassland": "#9ccc65", "built_up": "#d32f2f",
+    "non_crop": "#9e9e9e", "other": "#757575",
+}
+_TAB20 = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
+          "#bcbd22", "#17becf", "#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5", "#c49c94",
+          "#f7b6d2", "#c7c7c7", "#dbdb8d", "#9edae5"]
+
+
+def slug(text: str) -> str:
+    """``"Unspecified Sorghum"`` -> ``"sorghum"``; lower case, ``[a-z0-9_]`` only."""
+    s = re.sub(r"[^a-z0-9]+", "_", str(text).lower()).strip("_")
+    s = re.sub(r"^unspecified_", "", s)
+    return s or "class"
+
+
+def colour_for(name: str, i: int) -> str:
+    """A colour for class ``name`` (known names keep theirs; the rest cycle through tab20)."""
+    return COLOURS.get(name, _TAB20[i % len(_TAB20)])
+
+
+def presence_mask(x: dict[str, np.ndarray], modalities: Sequence[str], min_valid_fraction: float) -> np.ndarray:
+    """bool ``[N, M]``: :func:`cropmap.availability.present` applied to pixel samples.
+
+    Args:
+        x: ``{m: [N, T, C]}`` (static ``[N, C]``).
+        modalities: order of the M axis.
+        min_valid_fraction: share of months that must be valid for a temporal modality.
+    """
+    cols = []
+    for m in modalities:
+        a = x[m]
+        # [N, T, C] -> time-major [T*C, N], the stack layout `present` reads
+        stack = a.transpose(1, 2, 0).reshape(-1, a.shape[0]) if TEMPORAL[m] else a.T
+        cols.append(present(stack, m, min_valid_fraction))
+    return np.stack(cols, axis=1)
+
+
+def location_groups(lat: np.ndarray, lon: np.ndarray, cell_deg: float) -> np.ndarray:
+    """Integer group id per sample: its ``cell_deg`` x ``cell_deg`` lat/lon cell."""
+    keys = np.stack([np.floor(np.asarray(lat, float) / cell_deg), np.floor(np.asarray(lon, float) / cell_deg)], axis=1)
+    _, inv = np.unique(keys, axis=0, return_inverse=True)
+    return inv.ravel().astype(np.int64)
+
+
+def spatial_split(y: np.ndarray, groups: np.ndarray, seed: int,
+                  fractions: tuple[float, float, float] = (0.7, 0.15, 0.15), fold: int | None = None) -> np.ndarray:
+    """Seeded group split (0 train, 1 val, 2 test); every group lies wholly in one split.
+
+    Groups are dealt into ``k = round(1 / test_fraction)`` folds with scikit-learn's
+    ``StratifiedGroupKFold`` (class proportions kept as far as whole groups allow). Fold
+    ``fold`` (default ``seed % k``) is the test split, the next ``round(val_fraction * k)`` folds
+    (cyclically) the validation split, the rest train. The fold rotation matters: the
+    stratified dealing itself hardly depends on the seed (its shuffle only breaks ties), so
+    different seeds give different test regions through ``seed % k``; ``fold = 0 .. k-1`` gives
+    a spatial k-fold cross-validation. Unlabelled samples (``y < 0``) follow their group.
+    """
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    _, _, f_test = fractions
+    k = max(3, round(1 / f_test))
+    n_val = max(1, round(fractions[1] * k))
+    n_groups = len(np.unique(groups))
+    if n_groups < k:
+        raise ValueError(f"{n_groups} location groups for a {k}-fold spatial split: use a smaller cell_deg")
+    strat = np.where(y >= 0, y, y.max() + 1)
+    folds = np.empty(len(y), dtype=np.int64)
+    cv = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+    with warnings.catch_warnings():  # "least populated class has only n members": expected for rare classes
+        warnings.simplefilter("ignore", UserWarning)
+        for i, (_, test_idx) in enumerate(cv.split(np.zeros(len(y)), strat, groups)):
+            folds[test_idx] = i
+    test = (seed if fold is None else fold) % k
+    rel = (folds - test) % k
+    split = np.zeros(len(y), dtype=np.uint8)
+    split[(rel >= 1) & (rel <= n_val)] = 1
+    split[rel == 0] = 2
+    return split
+
+
+def samples_from(x: dict[str, np.ndarray], y: np.ndarray, split: np.ndarray, min_valid_fraction: float) -> PixelSamples:
+    """Pixel samples of every modality with presence masks (:func:`presence_mask`)."""
+    mods: list[str] = list(MODALITIES)
+    x = {m: np.ascontiguousarray(x[m], dtype=np.float32) for m in mods}
+    return PixelSamples(x, presence_mask(x, mods, min_valid_fraction), y.astype(np.int64), split.astype(np.uint8), mods)
+
+
+def months_from(start: str, n: int) -> list[str]:
+    """``n`` month labels ``YYYY-MM`` from ``start`` (``YYYY-MM`` or ``YYYY-MM-DD``)."""
+    p = pd.Period(str(start)[:7], freq="M")
+    return [str(p + i) for i in range(n)]
