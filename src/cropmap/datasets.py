@@ -40,11 +40,20 @@ IGNORE_INDEX = -100
 
 
 class StackDataset(RasterDataset):
-    """A modality stack on the region grid (one file per modality and region)."""
+    """A modality stack on the region grid (one file per modality and region, ``{modality}.tif``).
+
+    A subclass names its :attr:`modality`; the file name pattern follows from it.
+    """
 
     modality: ClassVar[str] = ""
     is_image = True
     separate_files = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.modality:
+            cls.filename_glob = f"{cls.modality}.tif"
+            cls.filename_regex = rf"^{cls.modality}\.tif$"
 
     def __init__(self, paths: Path | str, months: Sequence[str], **kwargs: Any) -> None:
         """Open the stack of :attr:`modality` under ``paths``.
@@ -62,8 +71,6 @@ class S2Stack(StackDataset):
     """Sentinel-2 L2A monthly composites, 10 bands per month."""
 
     modality = "s2"
-    filename_glob = "s2.tif"
-    filename_regex = r"^s2\.tif$"
     rgb_bands = ()
 
 
@@ -71,24 +78,18 @@ class S1Stack(StackDataset):
     """Sentinel-1 VV/VH monthly composites in dB."""
 
     modality = "s1"
-    filename_glob = "s1.tif"
-    filename_regex = r"^s1\.tif$"
 
 
 class WeatherStack(StackDataset):
     """ERA5-Land monthly 2 m temperature and total precipitation."""
 
     modality = "weather"
-    filename_glob = "weather.tif"
-    filename_regex = r"^weather\.tif$"
 
 
 class DemStack(StackDataset):
     """Static elevation and slope."""
 
     modality = "dem"
-    filename_glob = "dem.tif"
-    filename_regex = r"^dem\.tif$"
 
 
 class LabelRaster(RasterDataset):

@@ -68,7 +68,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cropmap.errors import UnknownNameError
-from cropmap.models.base import Batch, CoLearningModel, Output
+from cropmap.models.base import Batch, Output
 from cropmap.models.gemmnet_blocks import (
     HyFExEncoder,
     HyFExGenerator,
@@ -78,15 +78,7 @@ from cropmap.models.gemmnet_blocks import (
 )
 from cropmap.models.losses import dice_loss
 from cropmap.models.registry import register_method
-from cropmap.models.spatial import (
-    Block,
-    complete_inputs,
-    flat_channels,
-    group_norm,
-    pad_to,
-    segmentation_only,
-    sincos_2d,
-)
+from cropmap.models.spatial import Block, ChipModel, group_norm, sincos_2d
 
 #: Size presets: ``base`` is the authors' code (BASIC_DIMS 8, transformer 256 / 8 heads / MLP
 #: 512, generator gf 32, discriminator df 64); ``tiny`` is for CPU tests.
@@ -107,7 +99,7 @@ def _bce(logits: Tensor, target: float, valid: Tensor) -> Tensor:
 
 
 @register_method("gemmnet", tasks=("segmentation",))
-class GEMMNet(CoLearningModel):
+class GEMMNet(ChipModel):
     """GEMMNet (Kieu et al. 2025): generators impute missing modalities; multiscale hybrid fusion.
 
     Terms of ``loss``: ``fused``, ``scales``, ``modal``, ``rec`` and ``disc`` (0 for ``ae``) and
@@ -148,9 +140,9 @@ class GEMMNet(CoLearningModel):
         rng: torch.Generator | None = None,
         **kw: Any,
     ):
-        segmentation_only(self.method, kw.get("task"))
         if isinstance(generator, torch.Generator):
             rng, generator = generator, "ae"
+        super().__init__(generator=rng, **kw)  # refuses the classification task first
         kind = (generator or "ae").strip().lower()
         if kind not in GENERATORS:
             raise UnknownNameError(
@@ -160,7 +152,6 @@ class GEMMNet(CoLearningModel):
             raise UnknownNameError(
                 f"unknown gemmnet preset {preset!r}; valid: {', '.join(PRESETS)}"
             )
-        super().__init__(generator=rng, **kw)
         cfg = dict(PRESETS[preset])
         cfg.update(
             {
@@ -175,7 +166,6 @@ class GEMMNet(CoLearningModel):
         )
         self.fixed_scenario: tuple[str, ...] | None = None
         mods, n_mod = self.modalities, len(self.modalities)
-        self.in_dims = flat_channels(self.in_channels, self.n_steps, mods)
         ws = [cfg["width"] * 2**i for i in range(5)]
         self.widths = ws
         self.encoders = nn.ModuleDict(
@@ -261,11 +251,7 @@ class GEMMNet(CoLearningModel):
         """Impute, encode, fuse, decode. See the module docstring for the outputs."""
         xs0, avail, _ = self._prepare(batch)
         b, _, h, w = avail.shape
-        xs = {
-            m: pad_to(x, 16)
-            for m, x in complete_inputs(xs0, avail, self.modalities, self.in_dims).items()
-        }
-        av = pad_to(avail, 16)
+        xs, av = self.padded_inputs(xs0, avail, 16)
         keep = self._scenario(av) if self.training else av
         has_data = keep.any(
             1, keepdim=True

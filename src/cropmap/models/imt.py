@@ -66,18 +66,10 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from cropmap.errors import ConfigError, UnknownNameError
-from cropmap.models.base import Batch, CoLearningModel, Output
+from cropmap.models.base import Batch, Output
 from cropmap.models.fusion import moddrop_keep
 from cropmap.models.registry import register_method
-from cropmap.models.spatial import (
-    Block,
-    complete_inputs,
-    flat_channels,
-    group_norm,
-    pad_to,
-    segmentation_only,
-    sincos_2d,
-)
+from cropmap.models.spatial import Block, ChipModel, group_norm, sincos_2d
 
 log = logging.getLogger(__name__)
 
@@ -321,7 +313,7 @@ def build_encoder(
 
 
 @register_method("imt", tasks=("segmentation",))
-class IMT(CoLearningModel):
+class IMT(ChipModel):
     """IMT (Chen, Zhao & Bruzzone 2024): fusion tokens, Bi-LSTM attention and masked self-attention.
 
     Terms: ``main = CE(y, fused)`` over pixels where a fused (kept) modality is present, and
@@ -356,7 +348,6 @@ class IMT(CoLearningModel):
         pretrained: str | Path | None = None,
         **kw: Any,
     ):
-        segmentation_only(self.method, kw.get("task"))
         super().__init__(**kw)
         self.preset = preset
         self.cfg = imt_config(
@@ -364,7 +355,6 @@ class IMT(CoLearningModel):
         )
         self.patch = self.cfg["patch"]
         self.keep_prob = keep_prob
-        self.in_dims = flat_channels(self.in_channels, self.n_steps, self.modalities)
         self.encoder = build_encoder(self.modalities, self.in_dims, self.cfg)
         d = self.cfg["dim"]
         width = max(32, min(256, d // 2))
@@ -419,11 +409,7 @@ class IMT(CoLearningModel):
         """Fused and per-modality logits plus tokens, Bi-LSTM weights and the fused mask."""
         xs, avail, rows = self._prepare(batch)
         b, _, h, w = avail.shape
-        full = {
-            m: pad_to(x, self.patch)
-            for m, x in complete_inputs(xs, avail, self.modalities, self.in_dims).items()
-        }
-        av = pad_to(avail, self.patch)
+        full, av = self.padded_inputs(xs, avail, self.patch)
         tok_avail = token_mask(av, self.patch)
         keep = moddrop_keep(rows, self.keep_prob, self.generator) if self.training else rows
         tok_fuse = tok_avail & keep[:, :, None]

@@ -1,9 +1,10 @@
-"""Helpers shared by the chip (segmentation) methods: channel counts, padding, inputs, positions.
+"""What the chip (segmentation-only) methods share: their base class, channel counts, padding,
+inputs, positions, normalisation and transformer block.
 
-:func:`flat_channels`, :func:`pad_to`, :func:`complete_inputs`, :func:`prepare_chips`,
-:func:`sincos_2d` and :func:`group_norm` serve ``imt`` and ``gemmnet`` alike; :class:`Block` is
-the pre-norm transformer block both use; :func:`segmentation_only` is how a chip-only method
-refuses the classification task.
+:class:`ChipModel` is the base of ``imt`` and ``gemmnet`` (it refuses the classification task
+with :func:`segmentation_only` and gives them complete, padded chips); :func:`flat_channels`,
+:func:`pad_to`, :func:`complete_inputs`, :func:`prepare_chips`, :func:`sincos_2d` and
+:func:`group_norm` serve both; :class:`Block` is the pre-norm transformer block both use.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from torch import Tensor, nn
 
 from cropmap.errors import ConfigError
 from cropmap.modalities import TEMPORAL
+from cropmap.models.base import CoLearningModel
 from cropmap.models.registry import methods_for
 
 
@@ -138,3 +140,23 @@ class Block(nn.Module):
         )
         x = x + self.proj(a.transpose(1, 2).reshape(b, n, d))
         return x + self.mlp(self.norm2(x))
+
+
+class ChipModel(CoLearningModel):
+    """Base of the chip-only methods: refuses ``task="classification"``, pads complete chips.
+
+    Attributes:
+        in_dims: chip channels of each modality (``T * C`` time-major, or ``C`` for static
+            ones; :func:`flat_channels`).
+    """
+
+    def __init__(self, **kw: Any) -> None:
+        segmentation_only(self.method, kw.get("task"))
+        super().__init__(**kw)
+        self.in_dims = flat_channels(self.in_channels, self.n_steps, self.modalities)
+
+    def padded_inputs(self, xs: Mapping[str, Tensor], avail: Tensor, mult: int) -> tuple[dict[str, Tensor], Tensor]:
+        """Every modality as a zero-filled chip (:func:`complete_inputs`) and the availability
+        ``[B, M, H, W]``, zero-padded bottom/right to a multiple of ``mult`` (padding is missing)."""
+        full = complete_inputs(xs, avail, self.modalities, self.in_dims)
+        return {m: pad_to(x, mult) for m, x in full.items()}, pad_to(avail, mult)

@@ -6,8 +6,8 @@ of the grid (:class:`Block`). Each finished part is saved atomically as
 fingerprint of the request (grid, months, source options) makes sure parts of a different
 request are never mixed in. When every part is there the stack is written to a temporary file
 and renamed to ``raw_dir/{modality}.tif``, so a half-written stack never exists.
-:func:`fetch_parts` and :func:`write_parts` are that loop; a source only says how to fetch
-one part.
+:func:`fetch_stack` is that loop (:func:`fetch_parts`, then :func:`write_parts`); a source only
+says how to fetch one part.
 """
 
 from __future__ import annotations
@@ -230,3 +230,41 @@ def write_parts(path: Path, grid: Grid, descriptions: list[str], steps: Sequence
 
     write_stack(path, grid, descriptions, assembled(), tags)
     parts.remove()
+
+
+def fetch_stack(
+    path: Path,
+    grid: Grid,
+    descriptions: list[str],
+    steps: Sequence[str],
+    block_size: int,
+    request: dict,
+    fetch: Callable[[str, Block], np.ndarray],
+    *,
+    source: str,
+    workers: int = 1,
+    tags: dict[str, str] | Callable[[], dict[str, str]] | None = None,
+) -> None:
+    """Fetch a modality's stack block by block, resumably, and write it atomically.
+
+    Args:
+        path: the stack, ``raw_dir/{modality}.tif``; finished parts are kept under
+            ``raw_dir/.parts/{modality}/`` until it is written.
+        grid: the region grid.
+        descriptions: band descriptions, time-major.
+        steps: the time steps (months, or ``["static"]``).
+        block_size: side of the spatial blocks (pixels).
+        request: what is fetched (grid, months, source options); parts of another request are
+            discarded.
+        fetch: ``fetch(step, block)`` -> ``float32 [bands, h, w]`` of one part (NaN = no data).
+        source: the source's name, for logs and errors.
+        workers: parts fetched at once (threads).
+        tags: the stack's tags, or a function giving them once every part is fetched.
+
+    Raises:
+        SourceError: a part failed; the parts finished so far are kept, so a rerun resumes.
+    """
+    blocks = iter_blocks(grid, block_size)
+    parts = PartStore(path.parent, path.stem, request)
+    fetch_parts(steps, blocks, parts, fetch, source=source, workers=workers)
+    write_parts(path, grid, descriptions, steps, blocks, parts, tags() if callable(tags) else tags)

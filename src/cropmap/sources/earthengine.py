@@ -44,14 +44,7 @@ import numpy as np
 from cropmap.errors import ConfigError, SourceError
 from cropmap.grid import Grid
 from cropmap.modalities import BANDS, TEMPORAL, band_descriptions
-from cropmap.sources._blocks import (
-    Block,
-    PartStore,
-    fetch_parts,
-    iter_blocks,
-    stack_is_complete,
-    write_parts,
-)
+from cropmap.sources._blocks import Block, fetch_stack, stack_is_complete
 from cropmap.sources._http import RETRY_STATUS, Backoff, retry_after_seconds
 
 log = logging.getLogger(__name__)
@@ -473,8 +466,5 @@ def _fetch_modality(cfg: EEConfig, modality: str, grid: Grid, months: list[str],
         return _compute_block(images[step], names, grid, block)
 
     tags = {"source": "earthengine", "collections": json.dumps({k: v for k, v in cfg.collections.items() if k == modality or (modality == "s2" and k == "cloud_score")})}
-    blocks = iter_blocks(grid, side)
-    parts = PartStore(path.parent, modality, request)
-    fetch_parts(steps, blocks, parts, fetch, source="earthengine", workers=cfg.workers)
-    write_parts(path, grid, desc, steps, blocks, parts, tags)
+    fetch_stack(path, grid, desc, steps, side, request, fetch, source="earthengine", workers=cfg.workers, tags=tags)
     return path

@@ -36,14 +36,7 @@ import numpy as np
 from cropmap.errors import ConfigError, SourceError
 from cropmap.grid import Grid
 from cropmap.modalities import BANDS, band_descriptions, n_channels
-from cropmap.sources._blocks import (
-    Block,
-    PartStore,
-    fetch_parts,
-    iter_blocks,
-    stack_is_complete,
-    write_parts,
-)
+from cropmap.sources._blocks import Block, fetch_stack, stack_is_complete
 from cropmap.sources._http import Backoff, requests_session, retry_policy
 from cropmap.sources.stac_reader import (
     AssetReader,
@@ -377,11 +370,10 @@ def _fetch_modality(cfg: StacConfig, signer: SasSigner | None, modality: str, gr
         box = block_geobox(grid, block, halo=1 if modality == "dem" else 0)
         return compose(reader, cfg, by_step[step], box, shape)
 
-    steps = list(by_step)
-    blocks = iter_blocks(grid, cfg.block_size)
-    parts = PartStore(path.parent, modality, request)
-    fetch_parts(steps, blocks, parts, fetch, source="stac")
-    tags = {"source": "stac", "stac_url": cfg.url, "collection": cfg.collections[modality]}
-    if reader.broken:
-        tags["broken_assets"] = str(len(reader.broken))
-    write_parts(path, grid, desc, steps, blocks, parts, tags)
+    def tags() -> dict[str, str]:  # after fetching: how many assets were broken
+        out = {"source": "stac", "stac_url": cfg.url, "collection": cfg.collections[modality]}
+        if reader.broken:
+            out["broken_assets"] = str(len(reader.broken))
+        return out
+
+    fetch_stack(path, grid, desc, list(by_step), cfg.block_size, request, fetch, source="stac", tags=tags)
