@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -44,7 +45,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
             a = dst.read(window=((0, HOLE), (0, HOLE)))
             a[:] = np.nan
             dst.write(a, window=((0, HOLE), (0, HOLE)))
-    snakemake(wd, "all")  # maps, metrics, expected-accuracy layers and report.html
+    snakemake(wd, "all")  # maps, metrics, expected-F1 layers and report.html
     return wd
 
 
@@ -94,7 +95,7 @@ def test_metrics_have_every_subset(run: Path) -> None:
     assert df[["f1_weighted", "f1_macro", "accuracy"]].apply(lambda c: c.between(0, 100)).all().all()
 
 
-def test_expected_accuracy_layer_looks_up_each_pixels_subset(run: Path) -> None:
+def test_expected_f1_layer_looks_up_each_pixels_subset(run: Path) -> None:
     exp = run / "results/tiny/expected_f1.tif"
     assert cog_validate(str(exp))[0]
     metrics = pd.read_csv(run / "results/tiny/metrics.csv")
@@ -164,6 +165,33 @@ def test_adding_a_region_runs_only_its_jobs(run: Path) -> None:
     assert not re.search(r"region=tiny\b", text), "jobs of the existing region were scheduled again"
 
 
+def test_train_summary_has_the_history_and_the_report_shows_it(run: Path) -> None:
+    summary = json.loads((run / "models/tiny/classification/train_summary.json").read_text())
+    history = summary["history"]
+    assert [h["epoch"] for h in history] == list(range(summary["epochs"]))
+    for h in history:  # every logged loss term of comiss and the validation metrics, per epoch
+        assert {"train/total", "train/main", "train/mod", "train/cont", "train/miss_ce", "train/miss_kd",
+                "val_loss", "val_acc"} <= set(h), h
+    assert '&quot;history&quot;' in (run / "results/report.html").read_text()
+
+
+def test_report_shows_the_summary_of_the_model_that_mapped_a_region(run: Path) -> None:
+    original = (run / "config.yaml").read_text()
+    cfg = yaml.safe_load(original)
+    # a region without labels, mapped by tiny's model (dry run: nothing is fetched)
+    cfg["regions"]["borrower"] = {"source": "stac", "stac": {"preset": "earth_search"}, "bbox": cfg["regions"]["tiny"]["bbox"],
+                                  "season": cfg["regions"]["tiny"]["season"], "model_from": "tiny"}
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    try:
+        out = snakemake(run, "--dry-run", "--printshellcmds", str(run / "results/report.html"))
+    finally:
+        (run / "config.yaml").write_text(original)
+    text = out.stdout + out.stderr
+    regions = json.loads(re.search(r"cropmap report --regions '(\{.*?\})' --out", text).group(1))
+    assert regions["borrower"]["summary"] == f"{cfg['models_dir']}/tiny/classification/train_summary.json"
+    assert f"{cfg['models_dir']}/borrower/" not in text, "a region with model_from trains no model"
+
+
 @pytest.fixture(scope="module")
 def seg_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     wd = tmp_path_factory.mktemp("seg")
@@ -186,7 +214,7 @@ def test_segmentation_model_draws_the_map(seg_run: Path) -> None:
     assert len(pd.read_csv(tmp_path / "results/tiny/metrics.csv")) == 15
 
 
-def test_segmentation_methods_of_seeds_003_004_in_the_protocol(seg_run: Path) -> None:
+def test_segmentation_methods_imt_and_gemmnet_in_the_protocol(seg_run: Path) -> None:
     snakemake(seg_run, "compare")
     assert (seg_run / "models/tiny/pretrain/imt.ckpt").exists(), "imt fine-tunes from the pretrain rule"
     table = pd.read_csv(seg_run / "results/compare/table.csv")
