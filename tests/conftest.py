@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,8 @@ REALDATA = ROOT / "tests" / "data" / "realdata"
 # Two cores on CI: keep every test single-threaded so parallel work does not oversubscribe.
 torch.set_num_threads(1)
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+RULES = ROOT / "workflow" / "rules"
 
 TINY_BBOX = [4.80, 45.70, 4.8125, 45.7095]  # ~100 x 105 px at 10 m in EPSG:32631
 
@@ -47,3 +50,19 @@ def tiny_cfg(tmp_path: Path) -> dict:
     from cropmap.config import validate
 
     return validate(tiny_config(tmp_path))
+
+
+def rule_blocks() -> dict[str, str]:
+    """Rule name -> its text; a ``use rule X as Y with:`` rule gets X's text plus its overrides."""
+    blocks: dict[str, str] = {}
+    uses: list[tuple[str, str, str]] = []
+    for smk in sorted(RULES.glob("*.smk")):
+        pattern = r"^(?:rule (\w+)|use rule (\w+) as (\w+) with):\n(.*?)(?=^\S|\Z)"
+        for m in re.finditer(pattern, smk.read_text(), flags=re.M | re.S):
+            if m.group(1):
+                blocks[m.group(1)] = m.group(4)
+            else:
+                uses.append((m.group(2), m.group(3), m.group(4)))
+    for parent, name, overrides in uses:
+        blocks[name] = blocks[parent] + overrides
+    return blocks

@@ -10,7 +10,7 @@ import rasterio
 import torch
 
 from cropmap.grid import Grid
-from cropmap.modalities import BANDS, band_descriptions
+from cropmap.modalities import band_descriptions, n_channels
 from cropmap.models import build_model
 from cropmap.pretrain import run
 
@@ -77,7 +77,7 @@ def test_pretrain_writes_an_encoder_that_finetuning_loads(tmp_path: Path) -> Non
         "imt",
         task="segmentation",
         modalities=MODS,
-        in_channels={m: len(BANDS[m]) for m in MODS},
+        in_channels={m: n_channels(m) for m in MODS},
         n_steps=len(MONTHS),
         n_classes=3,
         pretrained=str(out),

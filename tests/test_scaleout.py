@@ -22,26 +22,8 @@ from cropmap.cli import main as cropmap_main
 from cropmap.config import dumps, stage_params, validate
 from cropmap.grid import Grid
 from cropmap.modalities import band_descriptions
-from tests.conftest import ROOT, tiny_config
+from tests.conftest import ROOT, rule_blocks, tiny_config
 from tests.test_faults import REGION, baseline, snakemake_env
-
-RULES = ROOT / "workflow" / "rules"
-
-
-def rule_blocks() -> dict[str, str]:
-    """Rule name -> its text; a ``use rule X as Y with:`` rule gets X's text plus its overrides."""
-    blocks: dict[str, str] = {}
-    uses: list[tuple[str, str, str]] = []
-    for smk in sorted(RULES.glob("*.smk")):
-        pattern = r"^(?:rule (\w+)|use rule (\w+) as (\w+) with):\n(.*?)(?=^\S|\Z)"
-        for m in re.finditer(pattern, smk.read_text(), flags=re.M | re.S):
-            if m.group(1):
-                blocks[m.group(1)] = m.group(4)
-            else:
-                uses.append((m.group(2), m.group(3), m.group(4)))
-    for parent, name, overrides in uses:
-        blocks[name] = blocks[parent] + overrides
-    return blocks
 
 
 def test_every_job_rule_declares_standard_resources() -> None:

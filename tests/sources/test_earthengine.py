@@ -22,7 +22,7 @@ from sources_fixtures import (
 
 from cropmap.errors import ConfigError, SourceError
 from cropmap.grid import Grid
-from cropmap.modalities import BANDS, band_descriptions
+from cropmap.modalities import band_descriptions, n_channels
 from cropmap.sources.earthengine import (
     CROPHARVEST_BANDS,
     FILL,
@@ -216,7 +216,7 @@ def test_decode_cropharvest_export():
             src_name = src_name if t == 0 else f"{src_name}_{t}"
             expect = raw[names.index(src_name)].astype(np.float32) / (10000.0 if m == "s2" else 1.0)
             np.testing.assert_allclose(arr[i], expect.astype(np.float32), rtol=1e-6, equal_nan=True)
-    assert out["s2"].shape[0] == 12 * len(BANDS["s2"])
+    assert out["s2"].shape[0] == 12 * n_channels("s2")
     assert 0.1 < np.nanmean(out["s2"]) < 0.4  # reflectance
     assert -30 < np.nanmean(out["s1"]) < 0  # dB
     assert 280 < np.nanmean(out["weather"][0::2]) < 320  # K
