@@ -98,12 +98,14 @@ def pretrained_input(method, region):
 
 
 def report_files(region):
-    """What the report shows of a region; the training summary is that of the model that mapped it."""
+    """What the report shows of a region; the training summary (rule train's output) is that of
+    the model that mapped it (model_from)."""
+    summary = expand(rules.train.output.summary, region=model_region(config, region), task=TASK)[0]
     return {
         "metrics": f"{RESULTS}/{region}/metrics.csv" if has_labels(config, region) else "",
         "quicklook": f"{RESULTS}/{region}/quicklook.png",
         "availability": f"{DATA}/{region}/availability.json",
-        "summary": f"{MODELS}/{model_region(config, region)}/{TASK}/train_summary.json",
+        "summary": summary,
         "expected": f"{RESULTS}/{region}/expected_f1.tif",
         "coverage": f"{RESULTS}/{region}/coverage.json",
     }
