@@ -38,6 +38,7 @@ anything is written, so a bad input stops with one line and leaves no stack behi
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import functools
 import glob as globmod
@@ -224,7 +225,7 @@ def expand(spec: FileSpec) -> list[Path]:
 # --------------------------------------------------------------------------------------------
 # Cubes
 # --------------------------------------------------------------------------------------------
-class Cube:
+class Cube(abc.ABC):
     """One file's raster layers: ``names`` (band names) x ``dates`` on one grid.
 
     Attributes:
@@ -246,10 +247,11 @@ class Cube:
     dates: list[pd.Timestamp | None]
     dtype: np.dtype
 
+    @abc.abstractmethod
     def read(self, t: int, layers: Sequence[int], window: Window) -> np.ndarray:
         """float64 ``[len(layers), h, w]`` of time step ``t``, the file's nodata as NaN."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def close(self) -> None:
         """Release the file."""
 
