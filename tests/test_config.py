@@ -28,7 +28,7 @@ def test_shipped_config_is_valid_and_filled_with_defaults() -> None:
         (lambda c: c["regions"]["tiny"].update(bbox=[5.0, 45.7, 4.9, 45.8]), "regions.tiny.bbox"),
         (lambda c: c["regions"]["tiny"].update(season={"start": "2023-09", "end": "2023-03"}), "season.end 2023-03 is before season.start 2023-09"),
         (lambda c: c.update(seed="x"), "config key seed: 'x' should be of type integer"),
-        (lambda c: c["regions"]["tiny"].update(source="sentinelhub"), "not one of ['synthetic', 'earthengine', 'stac']"),
+        (lambda c: c["regions"]["tiny"].update(source="sentinelhub"), "not one of ['synthetic', 'earthengine', 'stac', 'files']"),
         (lambda c: c["chips"].update(size=24), "chips.size: 24 must divide split.block_size 32"),
         (lambda c: c["classes"].append({"id": 1, "name": "dup"}), "duplicate class id"),
     ],

@@ -18,33 +18,36 @@ from rasterio.windows import Window
 from cropmap.modalities import MODALITIES, TEMPORAL, n_channels
 
 
-def valid_months(x: np.ndarray, modality: str) -> np.ndarray:
+def valid_months(x: np.ndarray, modality: str, channels: int | None = None) -> np.ndarray:
     """Per-month validity of a stack array.
 
     Args:
         x: ``[T*C, ...]`` time-major bands (or ``[C, ...]`` for static modalities).
         modality: modality name.
+        channels: channels per month ``C`` (default: every band of :data:`BANDS`; fewer when
+            the stack holds a band subset).
 
     Returns:
         bool ``[T, ...]`` (``[1, ...]`` for static), True where all channels are finite.
     """
-    c = n_channels(modality)
+    c = channels or n_channels(modality)
     finite = np.isfinite(x)
     return finite.reshape(x.shape[0] // c, c, *x.shape[1:]).all(axis=1)
 
 
-def present(x: np.ndarray, modality: str, min_valid_fraction: float) -> np.ndarray:
+def present(x: np.ndarray, modality: str, min_valid_fraction: float, channels: int | None = None) -> np.ndarray:
     """Per-pixel presence of a modality.
 
     Args:
         x: ``[T*C, ...]`` stack array.
         modality: modality name.
         min_valid_fraction: share of months that must be valid (temporal modalities).
+        channels: channels per month (default every band of the modality).
 
     Returns:
         bool array of shape ``x.shape[1:]``.
     """
-    v = valid_months(x, modality)
+    v = valid_months(x, modality, channels)
     if not TEMPORAL[modality]:
         return v[0]
     frac = v.mean(axis=0)
@@ -83,7 +86,7 @@ def monthly_report(path: str | Path, modality: str, block: int = 512) -> dict[st
         ``{"2023-01": 0.82, ...}``; static modalities report under ``"static"``.
     """
     with rasterio.open(path) as src:
-        c = n_channels(modality)
+        c = channels_of(src.descriptions, modality)
         n_t = src.count // c
         labels = (
             [d.rsplit("_", 1)[-1] if d else f"t{i}" for i, d in enumerate(src.descriptions[::c])]
@@ -95,9 +98,21 @@ def monthly_report(path: str | Path, modality: str, block: int = 512) -> dict[st
         for row in range(0, src.height, block):
             h = min(block, src.height - row)
             x = src.read(window=Window(0, row, src.width, h))
-            valid += valid_months(x, modality).reshape(n_t, -1).sum(axis=1)
+            valid += valid_months(x, modality, c).reshape(n_t, -1).sum(axis=1)
             total += h * src.width
     return {lab: round(float(v) / max(total, 1), 4) for lab, v in zip(labels, valid, strict=True)}
+
+
+def channels_of(descriptions: Sequence[str | None], modality: str) -> int:
+    """Channels per month of a stack from its band descriptions (a band subset has fewer than
+    :data:`BANDS`): the bands of a temporal stack that share the first band's month, every band
+    of a static one; without descriptions, every band of the modality."""
+    if not descriptions or not all(descriptions):
+        return n_channels(modality)
+    if not TEMPORAL[modality]:
+        return len(descriptions)
+    first = str(descriptions[0]).rsplit("_", 1)[-1]
+    return sum(1 for d in descriptions if str(d).rsplit("_", 1)[-1] == first)
 
 
 def write_report(files: Mapping[str, str | Path], out: str | Path, modalities: Sequence[str]) -> dict:

@@ -48,7 +48,7 @@ def cmd_stack(a: argparse.Namespace, p: dict[str, Any]) -> None:
     threads = int(a.threads or os.environ.get("CROPMAP_THREADS", 1))
     with _atomic_dir(out) as tmp:
         stack.run(Path(a.raw_dir), tmp, _grid(p), p["months"], p["modalities"], chunk=int(a.chunk),
-                  scheduler=a.dask_scheduler or None, threads=threads)
+                  scheduler=a.dask_scheduler or None, threads=threads, bands=p.get("bands"))
 
 
 def cmd_labels(a: argparse.Namespace, p: dict[str, Any]) -> None:

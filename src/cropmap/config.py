@@ -20,7 +20,7 @@ from typing import Any
 import jsonschema
 import yaml
 
-from cropmap.errors import ConfigError
+from cropmap.errors import ConfigError, InputDataError
 from cropmap.grid import Grid, season_months
 
 
@@ -133,12 +133,25 @@ def _check_semantics(config: dict) -> None:
             seen_codes[str(code)] = c["name"]
     for name, region in config["regions"].items():
         key = f"regions.{name}"
-        lon0, lat0, lon1, lat1 = region["bbox"]
-        if lon1 <= lon0 or lat1 <= lat0:
-            try:
-                Grid.from_bbox(region["bbox"])
-            except ConfigError as exc:
-                raise ConfigError(f"config key {key}.bbox: {exc}") from None
+        uses_files = any(region_source(region, m) == "files" for m in config["modalities"])
+        if uses_files and not region.get("files"):
+            raise ConfigError(f"config key {key}.files: the region takes stacks from files but lists none; "
+                              "add files: {s2: path/to/s2_cube.nc, ...} (see docs/real_data.md)")
+        if region.get("bbox") is None and not region.get("files"):
+            raise ConfigError(f"config key {key}.bbox: missing; add bbox: [lon_min, lat_min, lon_max, lat_max] "
+                              "(only a region with files may leave it out: their footprint is used)")
+        if region.get("bbox") is None:
+            try:  # the grid comes from the files: they must exist and be readable now
+                region_grid(region)
+            except InputDataError as exc:
+                raise ConfigError(f"config key {key}.files: {exc}") from None
+        if region.get("bbox") is not None:
+            lon0, lat0, lon1, lat1 = region["bbox"]
+            if lon1 <= lon0 or lat1 <= lat0:
+                try:
+                    Grid.from_bbox(region["bbox"])
+                except ConfigError as exc:
+                    raise ConfigError(f"config key {key}.bbox: {exc}") from None
         try:
             season_months(region["season"]["start"], region["season"]["end"])
         except ConfigError as exc:
@@ -182,8 +195,25 @@ def load(path: str | Path) -> dict:
 
 
 def region_grid(region: dict) -> Grid:
-    """The grid of a region from its config block."""
+    """The grid of a region from its config block.
+
+    A region with ``files`` and no ``bbox`` takes its files' footprint
+    (:func:`cropmap.sources.files.footprint_grid`).
+    """
+    if region.get("bbox") is None:
+        from cropmap.sources.files import footprint_grid
+
+        return footprint_grid(region["files"], res=float(region.get("resolution", 10)), crs=region.get("crs"))
     return Grid.from_bbox(region["bbox"], res=float(region.get("resolution", 10)), crs=region.get("crs"))
+
+
+def region_bbox(region: dict) -> list[float]:
+    """The region's WGS84 bbox: ``bbox``, or its files' footprint when it has none."""
+    if region.get("bbox") is None:
+        from cropmap.sources.files import files_footprint
+
+        return files_footprint(region["files"])
+    return list(region["bbox"])
 
 
 def region_months(region: dict) -> list[str]:
@@ -246,7 +276,7 @@ def stage_params(config: dict, stage: str, region: str, method: str | None = Non
         return base | {"tile_size": config["prediction"]["tile_size"]}
     if stage == "mosaic":
         sources = {m: region_source(r, m) for m in config["modalities"]}
-        return base | {"classes": config["classes"], "bbox": r["bbox"], "sources": sources,
+        return base | {"classes": config["classes"], "bbox": region_bbox(r), "sources": sources,
                        "model": {"method": config["model"]["method"], "task": config["model"]["task"],
                                  "trained_on": model_region(config, region)}}
     if stage == "metrics":

@@ -32,3 +32,10 @@ class UnknownNameError(CropmapError, KeyError):
 
     def __str__(self) -> str:  # KeyError quotes its message; keep it readable.
         return str(self.args[0]) if self.args else ""
+
+
+class InputDataError(CropmapError, ValueError):
+    """A user's data file (sample table, raster cube) cannot be used as given.
+
+    The one-line message names the file, what was found versus expected, and the fix.
+    """

@@ -1,6 +1,6 @@
 """Stage ``fetch``: get each modality of a region from its source into ``raw/``.
 
-Sources write into a persistent cache folder (``data/{region}/.fetch``) so an interrupted
+Sources (``synthetic``, ``earthengine``, ``stac``, ``files``) write into a persistent cache folder (``data/{region}/.fetch``) so an interrupted
 download resumes there; finished files are then moved into ``raw/`` (the rule's output), so
 ``raw/`` never holds a half-written file. A modality a source cannot provide is absent.
 """
@@ -54,8 +54,13 @@ def run(p: dict[str, Any], raw_dir: Path, cache_dir: Path) -> dict[str, Path]:
             from cropmap.sources.earthengine import fetch_earthengine
 
             staged |= fetch_earthengine(grid, months, cache_dir, modalities=mods, options=region.get("earthengine", {}))
+        elif source == "files":
+            from cropmap.sources.files import fetch_files
+
+            staged |= fetch_files(grid, months, cache_dir, modalities=mods, options=region.get("files", {}),
+                                  bands=p.get("bands"), region=p["region"])
         else:  # the schema prevents this
-            raise ConfigError(f"config key regions.{p['region']}.source: unknown source {source!r}; use synthetic, earthengine or stac")
+            raise ConfigError(f"config key regions.{p['region']}.source: unknown source {source!r}; use synthetic, earthengine, stac or files")
     raw_dir.mkdir(parents=True, exist_ok=True)
     out = {}
     for key, path in staged.items():

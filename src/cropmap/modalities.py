@@ -26,18 +26,20 @@ BANDS: dict[str, tuple[str, ...]] = {
 TEMPORAL: dict[str, bool] = {"s2": True, "s1": True, "weather": True, "dem": False}
 
 
-def band_descriptions(modality: str, months: Sequence[str]) -> list[str]:
+def band_descriptions(modality: str, months: Sequence[str], bands: Sequence[str] | None = None) -> list[str]:
     """Band descriptions of a stack, time-major.
 
     Args:
         modality: one of :data:`MODALITIES`.
         months: month labels ``YYYY-MM`` of the season (ignored for static modalities).
+        bands: the stack's bands, in order (default :data:`BANDS` of the modality; a subset
+            when the config narrows a modality to fewer bands).
 
     Returns:
         ``["B02_2023-01", "B03_2023-01", ...]`` for temporal modalities, the band names for
         static ones.
     """
-    bands = BANDS[modality]
+    bands = tuple(bands) if bands is not None else BANDS[modality]
     if not TEMPORAL[modality]:
         return list(bands)
     return [f"{b}_{m}" for m in months for b in bands]

@@ -177,7 +177,8 @@ def _computed_blocks(arr: Any, windows: list[tuple[int, int, int, int]], chunk: 
 
 
 def stack_modality(raw: Path, out: Path, grid: Grid, modality: str, months: Sequence[str], *,
-                   chunk: int = DEFAULT_CHUNK, use_dask: bool = True, client: Any = None, threads: int = 1) -> Path:
+                   chunk: int = DEFAULT_CHUNK, use_dask: bool = True, client: Any = None, threads: int = 1,
+                   bands: Sequence[str] | None = None) -> Path:
     """Warp one raw modality file onto ``grid``.
 
     Args:
@@ -190,6 +191,7 @@ def stack_modality(raw: Path, out: Path, grid: Grid, modality: str, months: Sequ
         use_dask: warp through a dask array (``False``: the same windows, one after another).
         client: a ``dask.distributed`` client to compute the chunks on (else local threads).
         threads: local threads when there is no client.
+        bands: the modality's bands (default every band of :data:`cropmap.modalities.BANDS`).
 
     Returns:
         ``out``.
@@ -198,7 +200,7 @@ def stack_modality(raw: Path, out: Path, grid: Grid, modality: str, months: Sequ
         GridMismatchError: if the raw file's bands do not match the contract.
         CorruptRasterError: if the raw file cannot be read.
     """
-    expected = band_descriptions(modality, months)
+    expected = band_descriptions(modality, months, bands)
     try:
         with rasterio.open(raw) as src:
             if src.count != len(expected):
@@ -228,11 +230,13 @@ def stack_modality(raw: Path, out: Path, grid: Grid, modality: str, months: Sequ
 
 
 def run(raw_dir: Path, out_dir: Path, grid: Grid, months: Sequence[str], modalities: Sequence[str], *,
-        chunk: int = DEFAULT_CHUNK, scheduler: str | None = None, threads: int = 1, use_dask: bool = True) -> dict[str, Path]:
+        chunk: int = DEFAULT_CHUNK, scheduler: str | None = None, threads: int = 1, use_dask: bool = True,
+        bands: dict[str, Sequence[str]] | None = None) -> dict[str, Path]:
     """Stack every modality present in ``raw_dir``.
 
     Args:
         chunk: chunk side in pixels (``dask.chunk_size``).
+        bands: ``{modality: bands}`` for modalities narrowed to a band subset (others: every band).
         scheduler: address of a running ``dask.distributed`` scheduler (``dask.scheduler``); ``None``
             computes the chunks on ``threads`` local threads.
         use_dask: ``False`` warps the same chunks sequentially without dask (identical output).
@@ -252,7 +256,7 @@ def run(raw_dir: Path, out_dir: Path, grid: Grid, months: Sequence[str], modalit
     try:
         for m, raw in todo.items():
             written[m] = stack_modality(raw, out_dir / f"{m}.tif", grid, m, months, chunk=chunk, use_dask=use_dask,
-                                        client=client, threads=threads)
+                                        client=client, threads=threads, bands=(bands or {}).get(m))
             grid.check(written[m])
             log.info("stacked %s -> %s", raw, written[m])
     finally:

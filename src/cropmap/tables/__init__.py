@@ -25,7 +25,8 @@ no field sampled several times) is in two splits.
 every non-empty subset of modalities (the protocol of Mena, Ienco, Dantas & Interdonato 2025,
 Table 1).
 
-Modules: ``common`` (class names and colours, presence masks, spatial splits), ``worldcereal``,
+Modules: ``common`` (class names and colours, presence masks, spatial splits), ``worldcereal``
+(wide), ``worldcereal_long``, ``generic`` (cropmap's own band naming, season alignment),
 ``cropharvest``, ``comparison``; the names below are re-exported here.
 """
 
@@ -38,15 +39,32 @@ from cropmap.tables.cropharvest import (
     from_cropharvest_array,
     load_cropharvest,
 )
+from cropmap.tables.generic import load_point_table, select_season
 from cropmap.tables.worldcereal import (
     decode_worldcereal,
     ewoc_classes,
     load_worldcereal,
     worldcereal_months,
 )
+from cropmap.tables.worldcereal_long import load_worldcereal_long
 
 __all__ = [
-    "CROPHARVEST_ORDER", "DAYS_PER_MONTH", "class_counts", "compare_table", "decode_export", "decode_worldcereal",
-    "ewoc_classes", "from_cropharvest_array", "load_cropharvest", "load_worldcereal", "location_groups",
-    "months_from", "presence_mask", "spatial_split", "worldcereal_months",
+    "CROPHARVEST_ORDER",
+    "DAYS_PER_MONTH",
+    "class_counts",
+    "compare_table",
+    "decode_export",
+    "decode_worldcereal",
+    "ewoc_classes",
+    "from_cropharvest_array",
+    "load_cropharvest",
+    "load_point_table",
+    "load_worldcereal",
+    "load_worldcereal_long",
+    "location_groups",
+    "months_from",
+    "presence_mask",
+    "select_season",
+    "spatial_split",
+    "worldcereal_months",
 ]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -38,11 +38,11 @@ def colour_for(name: str, i: int) -> str:
     return COLOURS.get(name, _TAB20[i % len(_TAB20)])
 
 
-def presence_mask(x: dict[str, np.ndarray], modalities: Sequence[str], min_valid_fraction: float) -> np.ndarray:
+def presence_mask(x: Mapping[str, np.ndarray], modalities: Sequence[str], min_valid_fraction: float) -> np.ndarray:
     """bool ``[N, M]``: :func:`cropmap.availability.present` applied to pixel samples.
 
     Args:
-        x: ``{m: [N, T, C]}`` (static ``[N, C]``).
+        x: ``{m: [N, T, C]}`` (static ``[N, C]``); ``C`` may be a band subset.
         modalities: order of the M axis.
         min_valid_fraction: share of months that must be valid for a temporal modality.
     """
@@ -51,7 +51,7 @@ def presence_mask(x: dict[str, np.ndarray], modalities: Sequence[str], min_valid
         a = x[m]
         # [N, T, C] -> time-major [T*C, N], the stack layout `present` reads
         stack = a.transpose(1, 2, 0).reshape(-1, a.shape[0]) if TEMPORAL[m] else a.T
-        cols.append(present(stack, m, min_valid_fraction))
+        cols.append(present(stack, m, min_valid_fraction, channels=a.shape[-1]))
     return np.stack(cols, axis=1)
 
 
