@@ -82,9 +82,24 @@ rule compare:
             task=compare_task(config),
         ),
     output:
-        table=f"{RESULTS}/compare/table.csv",
-        summary=f"{RESULTS}/compare/summary.csv",
-        heatmap=f"{RESULTS}/compare/heatmap.png",
+        table=report(
+            f"{RESULTS}/compare/table.csv",
+            caption="../report/compare_table.rst",
+            category="5. Method comparison",
+            labels={"file": "table.csv"},
+        ),
+        summary=report(
+            f"{RESULTS}/compare/summary.csv",
+            caption="../report/compare_summary.rst",
+            category="5. Method comparison",
+            labels={"file": "summary.csv"},
+        ),
+        heatmap=report(
+            f"{RESULTS}/compare/heatmap.png",
+            caption="../report/compare_heatmap.rst",
+            category="5. Method comparison",
+            labels={"file": "heatmap.png"},
+        ),
     log:
         "logs/compare.log",
     conda:
