@@ -164,3 +164,27 @@ def test_area_stage_stops_on_rasters_of_other_grids(tmp_path: Path) -> None:
     _write(tmp_path / "labels.tif", np.zeros((2, 32, 32), np.uint8), res=20.0)
     with pytest.raises(GridMismatchError, match=r"labels\.tif"):
         area.run(tmp_path / "map.tif", tmp_path / "labels.tif", [{"id": 0, "name": "a"}], tmp_path / "a.csv", tmp_path / "a.json")
+
+
+def test_map_classes_without_2_reference_pixels_are_left_out_and_reported(tmp_path: Path) -> None:
+    h = w = 32
+    cls = np.zeros((h, w), np.uint8)
+    cls[16:, :] = 1
+    cls[30:, 30:] = 2  # 4 px of class 2, outside the test rows: no reference pixel
+    ref = cls.copy()
+    ref[:4, :4] = 1  # 16 errors in the class-0 stratum
+    split = np.zeros((h, w), np.uint8)
+    split[:8, :] = 2
+    split[20:24, :] = 2
+    _write(tmp_path / "map.tif", np.stack([cls, cls, cls]))
+    _write(tmp_path / "labels.tif", np.stack([ref, split]))
+    classes = [{"id": 0, "name": "a"}, {"id": 1, "name": "b"}, {"id": 2, "name": "c"}]
+    s = area.run(tmp_path / "map.tif", tmp_path / "labels.tif", classes, tmp_path / "area.csv", tmp_path / "area.json")
+    assert s["unassessed_strata"] == ["c"] and s["unassessed_px"] == 4
+    df = pd.read_csv(tmp_path / "area.csv").set_index("class")
+    assessed_ha = (h * w - 4) * 0.01
+    assert df.area_ha.sum() == pytest.approx(assessed_ha)
+    # stratum a: 512 px, 16 of its 256 reference px are b -> b gains 512 * 16/256 px
+    assert df.loc["b", "area_ha"] == pytest.approx((508 + 512 * 16 / 256) * 0.01)
+    assert df.loc["a", "users_accuracy"] == pytest.approx(240 / 256) and df.loc["b", "users_accuracy"] == 1
+    assert df.loc["c", "mapped_px"] == 4 and np.isnan(df.loc["c", "users_accuracy"]) and df.loc["c", "area_ha"] == 0

@@ -247,13 +247,16 @@ def _coverage_html(cov: dict, pixel_ha: float) -> str:
     empty = ", ".join(cov["empty_tiles"]) or "none"
     months = ", ".join(cov["months_without_data"]) or "none"
     shares = ", ".join(f"{html.escape(m)} {100 * v:.1f} %" for m, v in cov["modality_share"].items())
+    def ha(px: int) -> str:
+        return f", {px * pixel_ha:,.1f} ha" if np.isfinite(pixel_ha) else ""
+
     return (
         "<p>"
-        f"The map has <b>{cov['pixels']:,}</b> pixels ({cov['pixels'] * pixel_ha:,.1f} ha). "
-        f"<b>{100 * cov['nodata_share']:.2f} %</b> of them ({cov['nodata_pixels']:,} px, {cov['nodata_pixels'] * pixel_ha:,.1f} ha) "
-        "had no sensor at all and are nodata (never a guess). "
-        f"Tiles without any sensor: <b>{len(cov['empty_tiles'])}</b> of {cov['tiles']} ({html.escape(empty)}). "
-        f"Months without data in any sensor: <b>{html.escape(months)}</b>. "
+        f"The map has <b>{cov['pixels']:,}</b> pixels{ha(cov['pixels'])}. "
+        f"<b>{100 * cov['nodata_share']:.2f} %</b> of them ({cov['nodata_pixels']:,} px{ha(cov['nodata_pixels'])}) "
+        "had no sensor at all and are nodata (never a guess); "
+        f"tiles without any sensor: <b>{len(cov['empty_tiles'])}</b> of {cov['tiles']} ({html.escape(empty)}); "
+        f"months without data in any sensor: <b>{html.escape(months)}</b>. "
         f"Share of map pixels predicted with each sensor: {shares}.</p>"
     )
 
@@ -416,11 +419,10 @@ def _region_html(name: str, files: dict[str, Path], compare: pd.DataFrame | None
                           f"expected F1 of {name}", "expected_f1.tif: per pixel, the held-out weighted F1 of the sensor subset it was mapped with."))
     parts.append("</div>")
 
-    # 2 sensors and coverage
-    parts.append("<h3>Sensors and coverage</h3>")
+    # 2 coverage, sensors
     if cov:
-        parts.append(_coverage_html(cov, pixel_ha))
-    parts.append("<div class='grid'>")
+        parts.append("<h3>Coverage</h3>" + _coverage_html(cov, pixel_ha))
+    parts.append("<h3>Sensor availability</h3><div class='grid'>")
     av = _exists(files, "availability")
     if av:
         avail = {m: v for m, v in json.loads(av.read_text()).items() if v and "static" not in v}
