@@ -422,21 +422,22 @@ def _region_html(name: str, files: dict[str, Path], compare: pd.DataFrame | None
     # 2 coverage, sensors
     if cov:
         parts.append("<h3>Coverage</h3>" + _coverage_html(cov, pixel_ha))
-    parts.append("<h3>Sensor availability</h3><div class='grid'>")
+    figs = []
     av = _exists(files, "availability")
     if av:
         avail = {m: v for m, v in json.loads(av.read_text()).items() if v and "static" not in v}
         if avail:
             df = 100 * pd.DataFrame(avail).T
             df.columns = [c[2:] if len(c) == 7 else c for c in df.columns]  # 2023-05 -> 23-05
-            parts.append(_img(plots.png(plots.heatmap(df, title="valid pixels per month and sensor", cbar_label="% valid pixels",
-                                                      cmap="YlGnBu", xlabel="month", cell=(0.5, 0.42))),
-                              f"availability {name}", "Share of the region's pixels with a valid (cloud-free, covered) observation, per month."))
+            figs.append(_img(plots.png(plots.heatmap(df, title="valid pixels per month and sensor", cbar_label="% valid pixels",
+                                                     cmap="YlGnBu", xlabel="month", cell=(0.5, 0.42))),
+                             f"availability {name}", "Share of the region's pixels with a valid (cloud-free, covered) observation, per month."))
     if cov and cov.get("subset_pixels"):
         sp = pd.Series({_subset_label(k): 100 * v / cov["pixels"] for k, v in cov["subset_pixels"].items()})
-        parts.append(_img(plots.png(plots.barh(sp, title="map pixels per sensor subset", xlabel="% of map pixels", fmt="{:.1f} %")),
-                          f"subset shares {name}", "Which sensors each pixel was actually mapped with (map.tif band 3)."))
-    parts.append("</div>")
+        figs.append(_img(plots.png(plots.barh(sp, title="map pixels per sensor subset", xlabel="% of map pixels", fmt="{:.1f} %")),
+                         f"subset shares {name}", "Which sensors each pixel was actually mapped with (map.tif band 3)."))
+    if figs:
+        parts.append("<h3>Sensor availability</h3><div class='grid'>" + "".join(figs) + "</div>")
 
     # 3 accuracy per subset (+ compare)
     parts.append("<h3>Accuracy per sensor subset</h3>")
