@@ -204,7 +204,7 @@ def area_chart(df: pd.DataFrame, *, title: str) -> Figure:
 def training_curves(hist: pd.DataFrame, *, title: str) -> Figure:
     """Losses per epoch (training terms and validation loss) and validation F1 (or accuracy)."""
     plt = _plt()
-    fig, (a0, a1) = plt.subplots(1, 2, figsize=(11, 3.8), layout="constrained")
+    fig, (a0, a1) = plt.subplots(1, 2, figsize=(12, 3.8), layout="constrained")
     ep = hist["epoch"].to_numpy() + 1
     terms = [c for c in hist.columns if c.startswith("train/")]
     for c in terms:
@@ -218,7 +218,7 @@ def training_curves(hist: pd.DataFrame, *, title: str) -> Figure:
     a0.set_xlabel("epoch")
     a0.set_ylabel("loss")
     a0.set_title("losses")
-    a0.legend(fontsize=7, frameon=False, ncol=2)
+    a0.legend(fontsize=7, frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     a0.grid(color="#eeeeee")
     for col, lab, colour in (("val_f1", "validation F1", "#2ca02c"), ("val_acc", "validation accuracy", "#1f77b4")):
         if col in hist and hist[col].notna().any():

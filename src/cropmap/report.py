@@ -274,7 +274,7 @@ def _confusion_html(conf: pd.DataFrame, subset: str, names: list[str], why: str)
     pcs = per_class_scores(m, kn)
     tot = pcs["support"].sum()
     pcs.loc[len(pcs)] = ["weighted mean", *(float(np.nansum(pcs[c] * pcs["support"]) / tot) for c in ("precision", "recall", "f1")), tot]
-    return (f"<h4>{html.escape(subset)} <span class='note'>({html.escape(why)})</span></h4><div class='wide'>"
+    return (f"<h4>{html.escape(subset)} <span class='note'>({html.escape(why)})</span></h4><div>"
             + _img(plots.png(plots.confusion(m, kn, title=f"confusion matrix, {subset}")), f"confusion matrix {subset}",
                    f"{int(m.sum()):,} held-out test pixels. Left: counts; right: each row as % of its true class (the diagonal is the recall).")
             + "<div>" + _table(pcs.rename(columns={"precision": "precision %", "recall": "recall %", "f1": "F1 %"}),
