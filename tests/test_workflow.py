@@ -210,9 +210,9 @@ def test_report_renders_in_headless_chromium(run: Path, tmp_path: Path) -> None:
                     "Area per class", "What would help", "Training"):
         assert f"<h3>{section}" in text, section
     imgs = re.findall(r"""<img[^>]*src=['"]data:image/png;base64,([^'"]+)['"]""", text)
-    # quicklook, expected F1, availability, subset shares, subset scores, 1-2 confusions, area, what would help,
+    # quicklook, expected F1, availability, subset shares, subset scores, 1 or 2 confusions, area, what would help,
     # training; the methods x subsets heatmap once compare ran
-    assert len(imgs) == text.count("<img") >= 10 + (run / "results/compare/table.csv").exists()
+    assert len(imgs) == text.count("<img") >= 9 + (run / "results/compare/table.csv").exists()
     assert ("alt='method comparison" in text) == (run / "results/compare/table.csv").exists()
     for b in imgs:
         im = Image.open(io.BytesIO(base64.b64decode(b)))
