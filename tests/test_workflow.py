@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -153,6 +157,95 @@ def test_compare_cross_validation_reports_mean_and_std_over_folds(run: Path) -> 
     per_fold = table[table.method == "comiss"].groupby("fold")["f1_weighted"].mean()
     assert abs(summary.loc[summary.method == "comiss", "overall"].item() - per_fold.mean()) < 0.02
     assert abs(summary.loc[summary.method == "comiss", "overall_std"].item() - per_fold.std(ddof=0)) < 0.02
+
+
+def test_metrics_write_the_confusion_counts_of_every_subset(run: Path) -> None:
+    metrics = pd.read_csv(run / "results/tiny/metrics.csv")
+    conf = pd.read_csv(run / "results/tiny/confusion.csv")
+    assert list(conf.columns) == ["subset", "true", "pred", "count"]
+    assert set(conf["subset"]) == set(metrics["subset"])
+    for row in metrics.itertuples():
+        c = conf[conf.subset == row.subset]
+        assert c["count"].sum() == row.n
+        assert abs(100 * c.loc[c.true == c.pred, "count"].sum() / row.n - row.accuracy) < 0.01
+
+
+def test_area_is_estimated_from_the_test_pixels_under_the_map(run: Path) -> None:
+    a = json.loads((run / "results/tiny/area.json").read_text())
+    with rasterio.open(run / "results/tiny/map.tif") as m, rasterio.open(run / "data/tiny/labels.tif") as lab:
+        cls = m.read(1)
+        ref, split = lab.read()
+    k = len(a["class_ids"])
+    t = (split == 2) & (ref != 255) & (cls != 255)
+    want = np.zeros((k, k), int)
+    np.add.at(want, (cls[t], ref[t]), 1)
+    assert a["error_matrix"] == want.tolist() and want.sum() > 0
+    df = pd.read_csv(run / "results/tiny/area.csv")
+    assert abs(df["mapped_ha"].sum() - (cls != 255).sum() * 0.01) < 1e-6
+    assessed = (cls != 255).sum() - a["unassessed_px"]
+    assert abs(df["area_ha"].sum() - assessed * 0.01) < 1e-3  # the estimates share out the assessed area
+    assert (df["area_ci95_low_ha"].fillna(0) <= df["area_ha"].fillna(0) + 1e-9).all()
+
+
+def _chromium() -> str:
+    exe = shutil.which("chromium") or shutil.which("chromium-browser")
+    if exe is None:
+        msg = "chromium is not installed: apt-get install chromium (CI does, see .ci/run)"
+        if os.environ.get("CROPMAP_REQUIRE_CHROMIUM") == "1":
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return exe
+
+
+def test_report_renders_in_headless_chromium(run: Path, tmp_path: Path) -> None:
+    """results/report.html opens from disk with no network, draws a page, and each embedded image decodes."""
+    from PIL import Image
+
+    exe = _chromium()
+    snakemake(run, "--forcerun", "report", str(run / "results/report.html"))  # picks up compare's table if it ran
+    page = run / "results/report.html"
+    text = page.read_text()
+    assert not re.search(r"""(?:src|href)\s*=\s*['"](?!data:|#)""", text), "the report must not load anything from outside"
+    for section in ("Map", "Coverage", "Sensor availability", "Accuracy per sensor subset", "Confusion and per-class scores",
+                    "Area per class", "What would help", "Training"):
+        assert f"<h3>{section}" in text, section
+    imgs = re.findall(r"""<img[^>]*src=['"]data:image/png;base64,([^'"]+)['"]""", text)
+    # quicklook, expected F1, availability, subset shares, subset scores, 1 or 2 confusions, area, what would help,
+    # training; the methods x subsets heatmap once compare ran
+    assert len(imgs) == text.count("<img") >= 9 + (run / "results/compare/table.csv").exists()
+    assert ("alt='method comparison" in text) == (run / "results/compare/table.csv").exists()
+    for b in imgs:
+        im = Image.open(io.BytesIO(base64.b64decode(b)))
+        im.load()
+        lo, hi = im.convert("L").getextrema()
+        assert im.width > 100 and im.height > 100 and hi - lo > 50, "a blank or tiny figure"
+    shot = tmp_path / "page.png"
+    res = subprocess.run(
+        [exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}",
+         "--window-size=1280,4000", page.as_uri()],
+        capture_output=True, text=True, timeout=180,
+    )
+    assert shot.exists(), f"chromium wrote no screenshot (exit {res.returncode}):\n{res.stderr[-3000:]}"
+    px = np.asarray(Image.open(shot).convert("RGB")).astype(int)
+    assert px.shape == (4000, 1280, 3)
+    values, counts = np.unique(px.reshape(-1, 3), axis=0, return_counts=True)
+    assert counts.max() / counts.sum() < 0.9 and len(values) > 500, "the page rendered (nearly) blank"
+    header = (np.abs(px - [0x0B, 0x6E, 0x4F]).sum(axis=2) < 12).mean()
+    assert header > 0.01, "the page's style (its green header) was not applied"
+
+
+def test_snakemake_report_collects_the_results(run: Path, tmp_path: Path) -> None:
+    out = tmp_path / "report.zip"
+    snakemake(run, "--report", str(out))
+    with zipfile.ZipFile(out) as z:
+        names = z.namelist()
+        page = z.read("report/report.html").decode()
+    for f in ("quicklook.png", "metrics.csv", "confusion.csv", "area.csv", "coverage.json", "report.html"):
+        assert sum(n.startswith("report/data/raw/") and n.endswith(f"/{f}") for n in names) == 1, (f, names)
+    # the workflow description, the categories and captions, and the rules with their runtimes
+    assert "turns the regions of" in page and "3. Area" in page and "Stratified estimator with the map classes" in page
+    assert all(f'"rule": "{r}"' in page for r in ("train", "mosaic", "metrics", "area", "report")) and "starttime" in page
 
 
 def test_adding_a_region_runs_only_its_jobs(run: Path) -> None:

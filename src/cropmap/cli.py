@@ -139,6 +139,10 @@ def cmd_metrics(a: argparse.Namespace, p: dict[str, Any]) -> None:
         df.insert(0, key, value)
     metrics.write_metrics(df, Path(a.out))
     log.info("metrics:\n%s", df.round(1).to_string(index=False))
+    if a.confusion:
+        from cropmap import area
+
+        area.write_confusion(df.attrs["confusion"], Path(a.confusion))
 
 
 def cmd_coverage(a: argparse.Namespace, p: dict[str, Any]) -> None:
@@ -149,6 +153,14 @@ def cmd_coverage(a: argparse.Namespace, p: dict[str, Any]) -> None:
     log.info("coverage: %.1f %% nodata pixels, %d of %d tiles without any sensor, months without data: %s",
              100 * summary["nodata_share"], len(summary["empty_tiles"]), summary["tiles"],
              ", ".join(summary["months_without_data"]) or "none")
+
+
+def cmd_area(a: argparse.Namespace, p: dict[str, Any]) -> None:
+    from cropmap import area
+
+    s = area.run(Path(a.map), Path(a.labels), p["classes"], Path(a.out_csv), Path(a.out_json))
+    log.info("area: %d reference pixels on %d mapped pixels; overall accuracy %s", s["sample_px"], s["mapped_px"],
+             "n/a" if s["overall_accuracy"] is None else f"{s['overall_accuracy']:.3f} +- {1.96 * (s['overall_accuracy_se'] or 0):.3f}")
 
 
 def cmd_compare(a: argparse.Namespace, p: dict[str, Any]) -> None:
@@ -162,7 +174,7 @@ def cmd_report(a: argparse.Namespace, p: dict[str, Any]) -> None:
     from cropmap import report
 
     regions = {name: {k: Path(v) for k, v in files.items()} for name, files in json.loads(a.regions).items()}
-    report.html_report(regions, Path(a.out))
+    report.html_report(regions, Path(a.out), compare_table=Path(a.compare) if a.compare else None)
 
 
 def _atomic_dir(path: Path) -> Any:
@@ -203,9 +215,10 @@ STAGES: dict[str, str] = {
     "mosaic": "mosaic the tiles into the map COG, a quicklook PNG and a STAC item",
     "expected_f1": "per pixel, the held-out weighted F1 of the sensor subset it was mapped with",
     "coverage": "what the map could not see: nodata share, empty tiles, months without data",
-    "metrics": "held-out metrics for every non-empty subset of sensors (metrics.csv)",
+    "metrics": "held-out metrics and confusion counts for every non-empty subset of sensors",
+    "area": "error-adjusted area per class with confidence intervals, user's, producer's and overall accuracy",
     "compare": "the method comparison: table.csv, summary.csv and a heatmap from per-method tables",
-    "report": "one HTML page over every region: metrics, availability, coverage, quicklooks",
+    "report": "one self-contained HTML page over every region: maps, accuracy, area, what would help",
 }
 
 
@@ -243,9 +256,11 @@ def build_parser() -> argparse.ArgumentParser:
     add("expected_f1", cmd_expected_f1, "map", "metrics", "out")
     add("coverage", cmd_coverage, "map", "stack_dir", "out")
     add("metrics", cmd_metrics, "model", "stack_dir", "labels", "chips", "out",
-        tag={"action": "append", "default": [], "help": "KEY=VALUE column added to every row (e.g. method=comiss)"})
+        tag={"action": "append", "default": [], "help": "KEY=VALUE column added to every row (e.g. method=comiss)"},
+        confusion={"default": None, "help": "also write the confusion counts of every subset here (subset,true,pred,count)"})
+    add("area", cmd_area, "map", "labels", "out_csv", "out_json")
     add("compare", cmd_compare, "table", "summary", parts={"nargs": "+", "required": True}, heatmap={"default": None})
-    add("report", cmd_report, "regions", "out")
+    add("report", cmd_report, "regions", "out", compare={"default": None, "help": "results/compare/table.csv, shown when it exists"})
     return ap
 
 

@@ -11,11 +11,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
 from cropmap.io import atomic_path
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 TABLE_COLUMNS = ["method", "subset", "f1_weighted", "f1_macro", "accuracy", "n"]
 
@@ -51,31 +55,22 @@ def summarise(table: pd.DataFrame, metric: str = "f1_weighted") -> pd.DataFrame:
     return s
 
 
-def heatmap(table: pd.DataFrame, out_png: Path, metric: str = "f1_weighted", title: str = "") -> None:
-    """Method x subset heatmap of ``metric`` (mean over folds/regions)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def heatmap_figure(table: pd.DataFrame, metric: str = "f1_weighted", title: str = "") -> Figure:
+    """Method x subset heatmap of ``metric`` (mean over folds/regions), the best of each subset outlined."""
+    from cropmap import plots
 
     piv = table.pivot_table(index="method", columns="subset", values=metric, aggfunc="mean", sort=False)
-    order = sorted(piv.columns, key=lambda s: (-(s.count("+") + 1), s))
-    piv = piv[order]
-    fig, ax = plt.subplots(figsize=(max(8, 0.6 * len(order) + 3), 0.45 * len(piv) + 2), dpi=100)
-    im = ax.imshow(piv.values, cmap="viridis", aspect="auto", vmin=0, vmax=100)
-    ax.set_xticks(range(len(order)), order, rotation=60, ha="right")
-    ax.set_yticks(range(len(piv)), piv.index)
-    for i in range(piv.shape[0]):
-        for j in range(piv.shape[1]):
-            v = piv.values[i, j]
-            if np.isfinite(v):
-                ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=7, color="white" if v < 60 else "black")
-    fig.colorbar(im, ax=ax, label=metric)
-    ax.set_title(title or f"{metric} per method and sensor subset")
-    fig.tight_layout()
+    piv = piv[sorted(piv.columns, key=lambda s: (-(s.count("+") + 1), s))]
+    return plots.heatmap(piv, title=title or f"{metric} per method and sensor subset", cbar_label=f"{metric} (%)",
+                         mark_best="column", xlabel="sensors available")
+
+
+def heatmap(table: pd.DataFrame, out_png: Path, metric: str = "f1_weighted", title: str = "") -> None:
+    """Write :func:`heatmap_figure` as a PNG."""
+    from cropmap import plots
+
     with atomic_path(out_png) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
+        tmp.write_bytes(plots.png(heatmap_figure(table, metric, title)))
 
 
 def collect(parts: Sequence[Path], out_table: Path, out_summary: Path, out_png: Path | None = None) -> pd.DataFrame:

@@ -279,6 +279,8 @@ def stage_params(config: dict, stage: str, region: str, method: str | None = Non
         return base | {"classes": config["classes"], "bbox": region_bbox(r), "sources": sources,
                        "model": {"method": config["model"]["method"], "task": config["model"]["task"],
                                  "trained_on": model_region(config, region)}}
+    if stage == "area":
+        return {"region": region, "classes": config["classes"]}
     if stage == "metrics":
         return base | {"evaluation": config["evaluation"], "seed": config["seed"], "prediction": config["prediction"]}
     raise ValueError(f"unknown stage {stage!r}")

@@ -19,6 +19,7 @@ import torch
 from sklearn.metrics import accuracy_score, f1_score
 from tqdm import tqdm
 
+from cropmap.area import confusion_long
 from cropmap.datasets import IGNORE_INDEX, ChipDataset, PixelSamples, sample_pixels
 from cropmap.grid import Grid
 from cropmap.io import atomic_path
@@ -115,16 +116,23 @@ def evaluate_samples(predictor: Predictor, s: PixelSamples, region_mods: Sequenc
 
 def subset_table(predictor: Predictor, batches: list[dict[str, torch.Tensor]], y: np.ndarray,
                  region_mods: Sequence[str]) -> pd.DataFrame:
-    """Score ``batches`` once per non-empty subset of ``region_mods`` (others masked as missing)."""
+    """Score ``batches`` once per non-empty subset of ``region_mods`` (others masked as missing).
+
+    The confusion counts of every subset ride along in ``attrs["confusion"]``.
+    """
     mods = predictor.modalities
     valid = y != IGNORE_INDEX
     rows = []
+    confusion: list[tuple] = []
     for sub in tqdm(subsets(region_mods), desc="subsets", unit="subset"):
         keep = [m in sub for m in mods]
         pred = _predict_batches(predictor, batches, keep).ravel() if batches else np.zeros(0, np.int64)
         rows.append({"subset": subset_name(sub), "n_modalities": len(sub), "n": int(valid.sum()),
                      **scores(y[valid], pred[valid])})
-    return pd.DataFrame(rows)
+        confusion.extend(confusion_long(y[valid], pred[valid], subset_name(sub)).itertuples(index=False, name=None))
+    df = pd.DataFrame(rows)
+    df.attrs["confusion"] = confusion  # (subset, true, pred, count) records: area.write_confusion
+    return df
 
 
 def write_metrics(df: pd.DataFrame, out: Path) -> None:

@@ -101,8 +101,13 @@ def report_files(region):
     """What the report shows of a region; the training summary (rule train's output) is that of
     the model that mapped it (model_from)."""
     summary = expand(rules.train.output.summary, region=model_region(config, region), task=TASK)[0]
+    labelled = has_labels(config, region)
     return {
-        "metrics": f"{RESULTS}/{region}/metrics.csv" if has_labels(config, region) else "",
+        "map": f"{RESULTS}/{region}/map.tif",
+        "metrics": f"{RESULTS}/{region}/metrics.csv" if labelled else "",
+        "confusion": f"{RESULTS}/{region}/confusion.csv" if labelled else "",
+        "area": f"{RESULTS}/{region}/area.json" if labelled else "",
+        "subset_metrics": f"{RESULTS}/{model_region(config, region)}/metrics.csv",
         "quicklook": f"{RESULTS}/{region}/quicklook.png",
         "availability": f"{DATA}/{region}/availability.json",
         "summary": summary,

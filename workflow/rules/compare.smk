@@ -42,7 +42,8 @@ use rule metrics as metrics_compare with:
         model=rules.train_compare.output.ckpt,
         stack=rules.stack.output,
     output:
-        f"{RESULTS}/compare/{{region}}/fold{{fold}}/{{method}}_{{task}}.csv",
+        metrics=f"{RESULTS}/compare/{{region}}/fold{{fold}}/{{method}}_{{task}}.csv",
+        confusion=f"{RESULTS}/compare/{{region}}/fold{{fold}}/{{method}}_{{task}}_confusion.csv",
     params:
         p=params_json("metrics"),
         tags=lambda wc: f"--tag region={wc.region} --tag fold={wc.fold} --tag method={wc.method}",
@@ -61,9 +62,24 @@ rule compare:
             task=compare_task(config),
         ),
     output:
-        table=f"{RESULTS}/compare/table.csv",
-        summary=f"{RESULTS}/compare/summary.csv",
-        heatmap=f"{RESULTS}/compare/heatmap.png",
+        table=report(
+            f"{RESULTS}/compare/table.csv",
+            caption="../report/compare_table.rst",
+            category="5. Method comparison",
+            labels={"file": "table.csv"},
+        ),
+        summary=report(
+            f"{RESULTS}/compare/summary.csv",
+            caption="../report/compare_summary.rst",
+            category="5. Method comparison",
+            labels={"file": "summary.csv"},
+        ),
+        heatmap=report(
+            f"{RESULTS}/compare/heatmap.png",
+            caption="../report/compare_heatmap.rst",
+            category="5. Method comparison",
+            labels={"file": "heatmap.png"},
+        ),
     log:
         "logs/compare.log",
     conda:

@@ -8,7 +8,13 @@ rule mosaic:
         tiles=lambda wc: expand(f"{RESULTS}/{wc.region}/tiles/{{tile}}.tif", tile=region_tiles(wc.region)),
     output:
         map=f"{RESULTS}/{{region}}/map.tif",
-        quicklook=f"{RESULTS}/{{region}}/quicklook.png",
+        quicklook=report(
+            f"{RESULTS}/{{region}}/quicklook.png",
+            caption="../report/quicklook.rst",
+            category="1. Maps",
+            subcategory="{region}",
+            labels={"region": "{region}", "file": "quicklook.png"},
+        ),
         stac=f"{RESULTS}/{{region}}/map.json",
         **({"proba": f"{RESULTS}/{{region}}/probabilities.tif"} if PROBABILITIES else {}),
     params:
@@ -28,13 +34,16 @@ rule mosaic:
 
 
 rule maps:
-    """Target: every region's map, with metrics for regions that have labels."""
+    """Target: every region's map, with metrics and area estimates for regions that have labels,
+    and results/report.html."""
     input:
         expand(f"{RESULTS}/{{region}}/map.tif", region=REGIONS),
         expand(f"{RESULTS}/{{region}}/quicklook.png", region=REGIONS),
         expand(f"{RESULTS}/{{region}}/metrics.csv", region=labelled_regions()),
+        expand(f"{RESULTS}/{{region}}/area.csv", region=labelled_regions()),
         expand(f"{RESULTS}/{{region}}/expected_f1.tif", region=REGIONS),
         expand(f"{RESULTS}/{{region}}/coverage.json", region=REGIONS),
+        f"{RESULTS}/report.html",
 
 
 rule expected_f1:

@@ -6,7 +6,20 @@ rule metrics:
         labels=rules.labels.output.tif,
         chips=rules.chips.output,
     output:
-        f"{RESULTS}/{{region}}/metrics.csv",
+        metrics=report(
+            f"{RESULTS}/{{region}}/metrics.csv",
+            caption="../report/metrics.rst",
+            category="2. Accuracy",
+            subcategory="{region}",
+            labels={"region": "{region}", "file": "metrics.csv"},
+        ),
+        confusion=report(
+            f"{RESULTS}/{{region}}/confusion.csv",
+            caption="../report/confusion.rst",
+            category="2. Accuracy",
+            subcategory="{region}",
+            labels={"region": "{region}", "file": "confusion.csv"},
+        ),
     params:
         p=params_json("metrics"),
         tags="",
@@ -20,7 +33,38 @@ rule metrics:
         runtime=60,
     shell:
         "python -m cropmap metrics --params {params.p:q} --model {input.model} --stack-dir {input.stack}"
-        " --labels {input.labels} --chips {input.chips} --out {output} {params.tags} > {log} 2>&1"
+        " --labels {input.labels} --chips {input.chips} --out {output.metrics} --confusion {output.confusion}"
+        " {params.tags} > {log} 2>&1"
+
+
+rule area:
+    """Error-adjusted area per class with 95 % CIs, user's / producer's / overall accuracy
+    (stratified estimator, map classes as strata; reference: the labelled test-split pixels)."""
+    input:
+        map=f"{RESULTS}/{{region}}/map.tif",
+        labels=rules.labels.output.tif,
+    output:
+        csv=report(
+            f"{RESULTS}/{{region}}/area.csv",
+            caption="../report/area.rst",
+            category="3. Area",
+            subcategory="{region}",
+            labels={"region": "{region}", "file": "area.csv"},
+        ),
+        json=f"{RESULTS}/{{region}}/area.json",
+    params:
+        p=params_json("area"),
+    log:
+        f"logs/{{region}}/area.log",
+    conda:
+        CONDA_ENV
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=10,
+    shell:
+        "python -m cropmap area --params {params.p:q} --map {input.map} --labels {input.labels}"
+        " --out-csv {output.csv} --out-json {output.json} > {log} 2>&1"
 
 
 rule coverage:
@@ -29,7 +73,13 @@ rule coverage:
         map=f"{RESULTS}/{{region}}/map.tif",
         stack=rules.stack.output,
     output:
-        f"{RESULTS}/{{region}}/coverage.json",
+        report(
+            f"{RESULTS}/{{region}}/coverage.json",
+            caption="../report/coverage.rst",
+            category="1. Maps",
+            subcategory="{region}",
+            labels={"region": "{region}", "file": "coverage.json"},
+        ),
     params:
         p=params_json("coverage"),
     log:
@@ -46,18 +96,28 @@ rule coverage:
 
 
 rule report:
-    """HTML report of every region: metrics per sensor subset, availability, quicklook."""
+    """HTML report of every region (self-contained): map, expected F1, availability, accuracy per
+    sensor subset, confusion, area with CIs, what would help, training curves, coverage."""
     input:
+        maps=expand(f"{RESULTS}/{{region}}/map.tif", region=REGIONS),
         metrics=expand(f"{RESULTS}/{{region}}/metrics.csv", region=labelled_regions()),
+        confusion=expand(f"{RESULTS}/{{region}}/confusion.csv", region=labelled_regions()),
+        area=expand(f"{RESULTS}/{{region}}/area.json", region=labelled_regions()),
         quicklooks=expand(f"{RESULTS}/{{region}}/quicklook.png", region=REGIONS),
         availability=expand(f"{DATA}/{{region}}/availability.json", region=REGIONS),
         expected=expand(f"{RESULTS}/{{region}}/expected_f1.tif", region=REGIONS),
         coverage=expand(f"{RESULTS}/{{region}}/coverage.json", region=REGIONS),
         summaries=sorted({report_files(r)["summary"] for r in REGIONS}),
     output:
-        f"{RESULTS}/report.html",
+        report(
+            f"{RESULTS}/report.html",
+            caption="../report/report_html.rst",
+            category="4. Report",
+            labels={"file": "report.html"},
+        ),
     params:
         regions=lambda wc: dumps({r: report_files(r) for r in REGIONS}),
+        compare=f"{RESULTS}/compare/table.csv",
     log:
         "logs/report.log",
     conda:
@@ -67,4 +127,4 @@ rule report:
         mem_mb=1000,
         runtime=10,
     shell:
-        "python -m cropmap report --regions {params.regions:q} --out {output} > {log} 2>&1"
+        "python -m cropmap report --regions {params.regions:q} --compare {params.compare} --out {output} > {log} 2>&1"
