@@ -42,7 +42,9 @@ def test_wheel_installed_in_a_fresh_venv_loads_the_demo_config(tmp_path: Path) -
                                check=True, capture_output=True, text=True).stdout.strip())
     deps = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
     (site / "_cropmap_test_deps.pth").write_text("\n".join(sorted(deps)) + "\n")
-    subprocess.run([sys.executable, "-m", "pip", "--python", str(py), "install", "--no-deps", "--no-index", "-q",
+    # --ignore-installed: the editable cropmap of this environment is visible through the .pth
+    # (as metadata), and pip would call the wheel "already satisfied" without installing it
+    subprocess.run([sys.executable, "-m", "pip", "--python", str(py), "install", "--no-deps", "--no-index", "--ignore-installed", "-q",
                     str(wheel)], check=True, capture_output=True, text=True)
 
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
