@@ -139,6 +139,11 @@ def _check_semantics(config: dict) -> None:
     for name, region in regions.items():
         _check_region(config, name, region)
     task = compare_task(config)
+    from cropmap.models.registry import methods_for
+
+    wrong = [m for m in config["compare"]["methods"] if m not in methods_for(task)]  # type: ignore[arg-type]
+    if wrong:
+        raise ConfigError(f"config key compare.methods: {wrong} cannot do {task} (compare.task); use some of {list(methods_for(task))}")  # type: ignore[arg-type]
     for r in config["compare"]["regions"] or []:
         if r in sets:
             if task != "classification":

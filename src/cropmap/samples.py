@@ -27,6 +27,7 @@ from cropmap.errors import InputDataError
 from cropmap.io import atomic_path
 from cropmap.modalities import MODALITIES, resolve_bands
 from cropmap.splits import group_counts, group_splits
+from cropmap.tables.common import class_counts as tables_class_counts
 from cropmap.tables.common import location_groups, presence_mask
 
 log = logging.getLogger(__name__)
@@ -135,13 +136,7 @@ def read_samples(path: Path) -> SampleSet:
 
 def class_counts(s: SampleSet) -> list[dict]:
     """Samples per class and split: ``[{id, name, train, val, test, total}]``."""
-    rows = []
-    for c in s.classes:
-        sel = s.samples.y == c["id"]
-        rows.append({"id": c["id"], "name": c["name"],
-                     **{k: int((sel & (s.samples.split == i)).sum()) for i, k in enumerate(("train", "val", "test"))},
-                     "total": int(sel.sum())})
-    return rows
+    return list(tables_class_counts(s.samples, s.classes).to_dict("records"))
 
 
 def cap_per_class(s: PixelSamples, per_class: int | None, seed: int) -> PixelSamples:

@@ -92,3 +92,14 @@ def months_from(start: str, n: int) -> list[str]:
     """``n`` month labels ``YYYY-MM`` from ``start`` (``YYYY-MM`` or ``YYYY-MM-DD``)."""
     p = pd.Period(str(start)[:7], freq="M")
     return [str(p + i) for i in range(n)]
+
+
+def class_counts(samples: PixelSamples, classes: Sequence[Mapping]) -> pd.DataFrame:
+    """Samples per class and split (``train``/``val``/``test``/``total``)."""
+    rows = []
+    for c in classes:
+        sel = samples.y == c["id"]
+        rows.append({"id": c["id"], "name": c["name"],
+                     **{s: int((sel & (samples.split == i)).sum()) for i, s in enumerate(("train", "val", "test"))},
+                     "total": int(sel.sum())})
+    return pd.DataFrame(rows)

@@ -158,7 +158,7 @@ def table_classes(codes: Sequence[object] | np.ndarray, *, table: str | Path, cl
     if missing and unknown == "error":
         raise LabelError(
             f"{table}: {len(missing)} label value(s) that no class lists, e.g. {missing[:5]}; add them to a class's codes "
-            "in config.yaml (classes[].codes) or leave them unlabelled (unknown codes 'ignore')"
+            "in config.yaml (classes[].codes) or leave them out (the training set's unknown_codes: ignore)"
         )
     if missing:
         log.info("%s: %d samples with values no class lists (e.g. %s) are left unlabelled", table, int((y < 0).sum()), missing[:3])
