@@ -89,11 +89,11 @@ def build(p: Mapping[str, Any]) -> SampleSet:
 
     ts, name = p["set"], p["name"]
     bands = resolve_bands(p.get("bands"))
-    mods = [m for m in MODALITIES if m in p["modalities"]]
+    mods: list[str] = [m for m in MODALITIES if m in p["modalities"]]
     tt = read_training_set(ts["tables"], (ts["season"]["start"], ts["season"]["end"]), classes=p["classes"] or None,
                            bands=bands, min_samples=ts["min_samples"], unknown=ts["unknown_codes"], name=f"training_sets.{name}")
     keep = np.flatnonzero(tt.y >= 0)
-    x = {m: np.ascontiguousarray(tt.x[m][keep], dtype=np.float32) for m in mods}
+    x: dict[str, np.ndarray] = {m: np.ascontiguousarray(tt.x[m][keep], dtype=np.float32) for m in mods}
     y, lat, lon = tt.y[keep], tt.lat[keep], tt.lon[keep]
     group = location_groups(lat, lon, float(ts["cell_deg"]))
     cells = f"lat/lon cells of {ts['cell_deg']} degrees"
@@ -109,10 +109,11 @@ def write_samples(s: SampleSet, out: Path) -> None:
     """Write ``samples.npz`` atomically (arrays, and the metadata as a JSON string)."""
     meta = {"version": VERSION, "name": s.name, "modalities": s.samples.modalities, "months": s.months, "bands": s.bands,
             "classes": s.classes}
-    arrays = {f"x_{m}": v for m, v in s.samples.x.items()}
+    arrays: dict[str, Any] = {f"x_{m}": v for m, v in s.samples.x.items()}
+    arrays |= {"mask": s.samples.mask, "y": s.samples.y, "split": s.samples.split, "group": s.group, "lat": s.lat, "lon": s.lon,
+               "meta": np.array(json.dumps(meta, default=int))}
     with atomic_path(out) as tmp, open(tmp, "wb") as fh:
-        np.savez_compressed(fh, **arrays, mask=s.samples.mask, y=s.samples.y, split=s.samples.split, group=s.group,
-                            lat=s.lat, lon=s.lon, meta=np.array(json.dumps(meta, default=int)))
+        np.savez_compressed(fh, **arrays)
 
 
 def read_samples(path: Path) -> SampleSet:

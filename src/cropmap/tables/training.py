@@ -206,7 +206,7 @@ def read_training_set(tables: Sequence[Mapping[str, Any]], season: tuple[str, st
     """
     parts = [read_entry(t, bands).season(season) for t in tables]
     months = parts[0].months
-    x = {m: np.concatenate([p.x[m] for p in parts]) for m in MODALITIES}
+    x: dict[str, np.ndarray] = {m: np.concatenate([p.x[m] for p in parts]) for m in MODALITIES}
     codes = np.concatenate([p.codes for p in parts])
     names: list[str] | None = None
     if all(p.names is not None for p in parts):
