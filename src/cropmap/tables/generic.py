@@ -213,7 +213,7 @@ def read_table(path: str | Path) -> pd.DataFrame:
     return pd.read_parquet(path)
 
 
-def _coords(df: pd.DataFrame, path: Path) -> tuple[np.ndarray, np.ndarray]:
+def point_coords(df: pd.DataFrame, path: Path) -> tuple[np.ndarray, np.ndarray]:
     for la, lo in (("lat", "lon"), ("latitude", "longitude")):
         if la in df.columns and lo in df.columns:
             return df[la].to_numpy(np.float64), df[lo].to_numpy(np.float64)
@@ -300,7 +300,7 @@ def load_point_table(path: str | Path, *, label: str = "label", season: tuple[st
     df = read_table(path)
     if label not in df.columns:
         raise InputDataError(f"{path}: no label column {label!r} (columns: {list(df.columns)[:8]}...); name the column holding the classes")
-    lat, lon = _coords(df, path)
+    lat, lon = point_coords(df, path)
     x, months = decode_point_table(df, table=path, bands=bands)
     if season is not None:
         idx = select_season(months, season, table=path)

@@ -33,8 +33,8 @@ from cropmap.modalities import BANDS, MODALITIES, TEMPORAL, resolve_bands
 from cropmap.tables.common import months_from
 from cropmap.tables.generic import (
     UnknownCodes,
-    _coords,
     decode_point_table,
+    point_coords,
     read_table,
     select_season,
     table_classes,
@@ -132,7 +132,7 @@ def read_entry(entry: Mapping[str, Any], bands: Mapping[str, Sequence[str]] | No
         if label not in df.columns:
             raise InputDataError(f"{path}: no label column {label!r} (columns: {list(df.columns)[:8]}...); "
                                  "name the column holding the classes in the table's label key")
-        lat, lon = _coords(df, path)
+        lat, lon = point_coords(df, path)
         x, months = decode_point_table(df, table=path, bands=want)
         return TableData(path, x, months, _codes(df[label]), None, lat, lon, ewoc=False)
     if fmt == "cropharvest":
@@ -141,14 +141,14 @@ def read_entry(entry: Mapping[str, Any], bands: Mapping[str, Sequence[str]] | No
 
 
 def _read_cropharvest(path: Path, entry: Mapping[str, Any], want: Mapping[str, Sequence[str]]) -> TableData:
-    from cropmap.tables.cropharvest import _read_arrays, from_cropharvest_array
+    from cropmap.tables.cropharvest import from_cropharvest_array, read_arrays
 
     if not path.is_file():
         raise InputDataError(f"{path}: no such file; fix the path (relative paths start from the folder you run in)")
     if path.suffix.lower() not in (".npz", ".h5", ".hdf5"):
         raise InputDataError(f"{path}: a training set's CropHarvest table is an .npz or .h5 of labelled arrays "
                              "(an Earth Engine export carries no labels)")
-    d = _read_arrays(path)
+    d = read_arrays(path)
     missing = [k for k in ("X", "y", "lat", "lon") if k not in d]
     if missing:
         raise InputDataError(f"{path}: arrays {missing} missing (found {sorted(d)}); a training set needs X, y, lat and lon")
