@@ -2,7 +2,11 @@
 # Thin on purpose: config, validation, rule files. All logic lives in src/cropmap.
 
 
-configfile: "config.yaml"
+# config.yaml, unless --configfile names other config files: then they alone are the config
+# (the demo region of config.yaml is not merged into them).
+if not workflow.overwrite_configfiles:
+
+    configfile: "config.yaml"
 
 
 report: "workflow/report/workflow.rst"
@@ -12,6 +16,7 @@ include: "workflow/rules/common.smk"
 include: "workflow/rules/fetch.smk"
 include: "workflow/rules/stack.smk"
 include: "workflow/rules/labels.smk"
+include: "workflow/rules/samples.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/predict.smk"
 include: "workflow/rules/mosaic.smk"

@@ -91,7 +91,7 @@ def bundle(task: str, cfg: dict, stack_dir: Path, out: Path, seed: int = 0) -> P
             samples[m] = src.read(window=Window(0, 0, min(64, src.width), min(64, src.height)), out_dtype="float32")[None]
     kwargs = settings.model_kwargs()
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_bundle(out, build_model(**kwargs), Normalizer(fit_stats(samples, "chips")), model_kwargs=kwargs,
+    save_bundle(out, build_model(**kwargs), Normalizer(fit_stats(samples, "chips", kwargs["in_channels"])), model_kwargs=kwargs,
                 classes=settings.classes, modalities=settings.modalities, months=settings.months, task=settings.task,
                 min_valid_fraction=settings.min_valid_fraction, class_weights=None, summary={"benchmark": "untrained"})
     return out

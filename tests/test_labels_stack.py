@@ -111,18 +111,42 @@ def test_user_label_formats(tmp_path: Path, grid: Grid, suffix: str) -> None:
 def test_cross_validation_folds_test_every_block_once() -> None:
     g = Grid(crs="EPSG:32636", xmin=500000, ymax=100000, width=200, height=160, res=10)
     fractions = {"train": 0.7, "val": 0.15, "test": 0.15}
-    folds = [fold.fold_splits(g, 32, fractions, seed=4, folds=3, fold=f) for f in range(3)]
-    tested = np.stack([f == 2 for f in folds])
+    cls = np.full(g.shape, 255, np.uint8)
+    cls[:128, :] = (np.arange(200) // 32 % 3).astype(np.uint8)[None]  # 3 classes in stripes; the last block row unlabelled
+    folds = [labels.region_splits(cls, g, 32, fractions, seed=4, folds=3, fold=f) for f in range(3)]
+    blocks = [f[::32, ::32] for f in folds]
+    tested = np.stack([b == 2 for b in blocks])
     assert tested.shape == (3, 5, 7)
-    assert (tested.sum(axis=0) == 1).all()  # each of the 35 blocks is tested in exactly one fold
-    assert sorted(tested.reshape(3, -1).sum(axis=1).tolist()) == [11, 12, 12]  # dealt evenly
-    for f in folds:
-        # val share of the non-test blocks follows val / (train + val) = 0.15 / 0.85
-        assert (f == 1).sum() == round(0.15 / 0.85 * (f != 2).sum())
-        assert (f == 0).sum() > 0
-    assert (fold.fold_splits(g, 32, fractions, 4, folds=1, fold=0) == labels.block_splits(g, 32, fractions, 4)).all()
+    assert (tested[:, :4].sum(axis=0) == 1).all()  # each of the 28 labelled blocks is tested in exactly one fold
+    assert not tested[:, 4].any() and all((b[4] == 0).all() for b in blocks)  # unlabelled blocks only train
+    per_fold = [int(((f == 2) & (cls != 255)).sum()) for f in folds]  # dealt evenly by labelled pixels
+    assert sum(per_fold) == int((cls != 255).sum()) and max(per_fold) / min(per_fold) < 1.25, per_fold
+    for f, b in zip(folds, blocks, strict=True):
+        assert 0 < (b[:4] == 1).sum() < (b[:4] == 0).sum()  # validation: a share of the non-test blocks
+        assert set(np.unique(cls[(f == 2) & (cls != 255)])) == {0, 1, 2}  # every class in every test fold
+    own = labels.region_splits(cls, g, 32, fractions, seed=4)  # compare.folds 1: the labels stage's split
+    assert set(np.unique(own[cls != 255])) == {0, 1, 2}
     with pytest.raises(LabelError, match=r"compare\.folds 40"):
-        fold.fold_splits(g, 32, fractions, 4, folds=40, fold=0)
+        labels.region_splits(cls, g, 32, fractions, 4, folds=40, fold=0)
+
+
+def test_one_splitter_for_blocks_and_cells() -> None:
+    """Blocks of a region and lat/lon cells of a table are dealt by the same function."""
+    from cropmap.splits import block_counts, group_counts, group_splits
+
+    rng = np.random.default_rng(1)
+    g = Grid(crs="EPSG:32631", xmin=600000, ymax=5000000, width=96, height=96, res=10)
+    cls = rng.integers(0, 3, g.shape).astype(np.uint8)
+    counts = block_counts(cls, 16, 255)
+    assert counts.shape == (36, 256) and counts[:, :3].sum() == 96 * 96
+    fr = {"train": 0.7, "val": 0.15, "test": 0.15}
+    per_block = group_splits(counts, seed=3, fractions=fr)
+    # the same counts as a table: one sample per pixel, its block as its group
+    y, groups = cls.ravel().astype(np.int64), (np.arange(96)[:, None] // 16 * 6 + np.arange(96)[None] // 16).ravel()
+    assert (group_counts(y, groups)[:, :3] == counts[:, :3]).all()
+    np.testing.assert_array_equal(group_splits(group_counts(y, groups), seed=3, fractions=fr), per_block)
+    np.testing.assert_array_equal(labels.region_splits(cls, g, 16, fr, 3)[::16, ::16].ravel(), per_block)
+    assert (per_block == 2).sum() in (5, 6) and (per_block == 1).sum() in (5, 6)  # 36 blocks: ~1/7 test, ~1/7 val
 
 
 def test_write_fold_keeps_classes_and_moves_chip_splits(tmp_path: Path, grid: Grid) -> None:
@@ -134,18 +158,21 @@ def test_write_fold_keeps_classes_and_moves_chip_splits(tmp_path: Path, grid: Gr
     gdf.to_file(tmp_path / "f.gpkg")
     classes = [{"id": 1, "name": "a", "colour": "#ff0000", "codes": ["1"]}, {"id": 2, "name": "b", "colour": "#00ff00", "codes": ["2"]}]
     fr = {"train": 0.7, "val": 0.15, "test": 0.15}
-    labels.run(tmp_path / "f.gpkg", tmp_path / "l.tif", tmp_path / "l.gpkg", grid, classes, block_size=16, fractions=fr, seed=1)
-    # no chip in the last block column (as when chips do not reach a region's ragged edge)
-    chips = pd.DataFrame([{"row": r, "col": c, "split": "x", "n_labelled": 256}
-                          for r in range(0, grid.height, 16) for c in range(0, 32, 16)])
+    labels.run(tmp_path / "f.gpkg", tmp_path / "l.tif", tmp_path / "l.gpkg", grid, classes, block_size=8, fractions=fr, seed=1,
+               chip_size=8)
+    # 8 px chips tile 40 x 24 px of the 40 x 30 px grid: the last, partial block row has no chip
+    chips = pd.DataFrame([{"row": r, "col": c, "size": 8, "split": "x", "n_labelled": 64}
+                          for r in range(0, 24, 8) for c in range(0, grid.width, 8)])
     chips.to_parquet(tmp_path / "c.parquet")
-    fold.write_fold(tmp_path / "l.tif", tmp_path / "c.parquet", tmp_path / "f1.tif", tmp_path / "f1.parquet", grid,
-                      block_size=16, fractions=fr, seed=1, folds=2, fold=1)
-    with rasterio.open(tmp_path / "l.tif") as a, rasterio.open(tmp_path / "f1.tif") as b:
-        assert (a.read(1) == b.read(1)).all() and b.colormap(1)[1][:3] == (255, 0, 0)
+    fold.write_fold(tmp_path / "l.tif", tmp_path / "c.parquet", tmp_path / "f1", grid, block_size=8, fractions=fr, seed=1,
+                    folds=2, fold=1)
+    with rasterio.open(tmp_path / "l.tif") as a, rasterio.open(tmp_path / "f1" / "labels.tif") as b:
+        cls = a.read(1)
+        assert (cls == b.read(1)).all() and b.colormap(1)[1][:3] == (255, 0, 0)
         split = b.read(2)
-    usable = np.array([[True, True, False], [True, True, False]])
-    assert (split == labels.expand_blocks(fold.fold_splits(grid, 16, fr, 1, folds=2, fold=1, usable=usable), grid, 16)).all()
-    assert (split[:, 32:] == 0).all()  # blocks without chips are never test or validation
-    out = pd.read_parquet(tmp_path / "f1.parquet")
+    assert (split == labels.region_splits(cls, grid, 8, fr, 1, folds=2, fold=1, chip_size=8)).all()
+    assert (split[24:] == 0).all()  # blocks without chips are never test or validation
+    assert (split[:24] == 2).any() and (split[:24] == 1).any()
+    out = pd.read_parquet(tmp_path / "f1" / "chips.parquet")
     assert [labels.SPLITS[split[r, c]] for r, c in zip(out.row, out.col, strict=True)] == out.split.tolist()
+

@@ -1,4 +1,4 @@
-"""Sample tables: WorldCereal wide extractions, CropHarvest arrays/exports, and compare_table."""
+"""Sample tables: WorldCereal wide extractions and CropHarvest arrays/exports."""
 
 from __future__ import annotations
 
@@ -9,12 +9,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cropmap.compare import TABLE_COLUMNS, summarise
-from cropmap.models import methods_for
 from cropmap.tables import (
     CROPHARVEST_ORDER,
     DAYS_PER_MONTH,
-    compare_table,
     ewoc_classes,
     load_cropharvest,
     load_worldcereal,
@@ -195,28 +192,3 @@ def test_real_cropharvest_export_plausible() -> None:
     assert np.nanmin(p) >= 0 and 0.1 < np.nanmax(p) < 1.0  # Togo wet season, m per month
     assert 100 < np.nanmin(s.x["dem"][:, 0]) < 400 and np.nanmax(s.x["dem"][:, 1]) < 90
     assert s.mask[:, :3].all() and 0 < s.mask[:, 3].mean() < 1  # slope NaN on the border
-
-
-def test_compare_table_rows(tmp_path: Path) -> None:
-    p = tmp_path / "wc.parquet"
-    df = wide_table(n=100)
-    df["lat"] = 1.0 + 0.3 * (np.arange(100) // 4)
-    df.to_parquet(p)
-    s, classes = load_worldcereal(p, min_samples=5)
-    table = compare_table(s, classes, ["input_fusion", "moddrop"], tmp_path / "cmp", epochs=1, hidden=8,
-                          batch_size=64, device="cpu")
-    assert list(table.columns) == TABLE_COLUMNS
-    assert len(table) == 2 * (2**4 - 1)
-    assert table.groupby("method").size().to_dict() == {"input_fusion": 15, "moddrop": 15}
-    assert table["n"].nunique() == 1 and table["f1_weighted"].between(0, 100).all()
-    assert set(summarise(table)["method"]) == {"input_fusion", "moddrop"}
-
-
-def test_compare_table_refuses_chip_only_methods(tmp_path: Path) -> None:
-    assert "imt" not in methods_for("classification")
-    p = tmp_path / "wc.parquet"
-    wide_table().to_parquet(p)
-    s, classes = load_worldcereal(p, min_samples=5)
-    with pytest.raises(ValueError, match="imt"):
-        compare_table(s, classes, ["input_fusion", "imt"], tmp_path / "cmp", epochs=1)
-    assert not (tmp_path / "cmp").exists()  # refused before training anything

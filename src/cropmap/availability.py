@@ -56,13 +56,18 @@ def present(x: np.ndarray, modality: str, min_valid_fraction: float, channels: i
 
 
 def presence_stack(
-    arrays: Mapping[str, np.ndarray], modalities: Sequence[str], min_valid_fraction: float, shape: tuple[int, ...]
+    arrays: Mapping[str, np.ndarray], modalities: Sequence[str], min_valid_fraction: float, shape: tuple[int, ...],
+    channels: Mapping[str, int] | None = None,
 ) -> np.ndarray:
-    """bool ``[M, ...]`` presence for ``modalities``; a modality absent from ``arrays`` is all False."""
+    """bool ``[M, ...]`` presence for ``modalities``; a modality absent from ``arrays`` is all False.
+
+    ``channels``: channels per month of each modality (a band subset has fewer than :data:`BANDS`;
+    default every band).
+    """
     out = np.zeros((len(modalities), *shape), dtype=bool)
     for i, m in enumerate(modalities):
         if m in arrays:
-            out[i] = present(arrays[m], m, min_valid_fraction)
+            out[i] = present(arrays[m], m, min_valid_fraction, (channels or {}).get(m))
     return out
 
 

@@ -9,7 +9,7 @@ per-modality presence; training, pretraining and the metrics read their samples 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,21 +22,26 @@ from cropmap.datasets import LabelRaster, aligned_chips, open_stacks, read_query
 from cropmap.grid import Grid
 from cropmap.io import atomic_path
 from cropmap.labels import NODATA, SPLITS
+from cropmap.modalities import channels_per_step
 
 log = logging.getLogger(__name__)
 
 
 def chip_table(stack_dir: Path, labels_tif: Path, grid: Grid, months: Sequence[str], modalities: Sequence[str],
-               size: int, min_valid_fraction: float) -> pd.DataFrame:
-    """Enumerate chips with split, labelled pixels and per-modality presence (share of pixels)."""
-    stacks = open_stacks(stack_dir, months, modalities)
+               size: int, min_valid_fraction: float, bands: Mapping[str, Sequence[str]] | None = None) -> pd.DataFrame:
+    """Enumerate chips with split, labelled pixels and per-modality presence (share of pixels).
+
+    ``bands``: the stacks' bands per modality (the config's ``bands``; default every band).
+    """
+    stacks = open_stacks(stack_dir, months, modalities, bands)
+    channels = channels_per_step(bands, modalities)
     labels = LabelRaster(labels_tif)
     rows = []
     chips = list(aligned_chips(labels, grid, size))
     for row0, col0, q in tqdm(chips, desc="chips", unit="chip"):
         lab = read_query(labels, q)
         arrays = {m: read_query(ds, q) for m, ds in stacks.items()}
-        pres = presence_stack(arrays, modalities, min_valid_fraction, lab.shape[1:])
+        pres = presence_stack(arrays, modalities, min_valid_fraction, lab.shape[1:], channels)
         split_vals = np.unique(lab[1])
         rec: dict[str, Any] = {
             "row": row0, "col": col0, "size": size,
@@ -57,9 +62,9 @@ def write_chips(df: pd.DataFrame, out: Path) -> None:
 
 
 def run(stack_dir: Path, labels_tif: Path, out: Path, grid: Grid, months: Sequence[str], modalities: Sequence[str],
-        size: int, min_valid_fraction: float) -> pd.DataFrame:
+        size: int, min_valid_fraction: float, bands: Mapping[str, Sequence[str]] | None = None) -> pd.DataFrame:
     """Write ``chips.parquet`` and return it."""
-    df = chip_table(stack_dir, labels_tif, grid, months, modalities, size, min_valid_fraction)
+    df = chip_table(stack_dir, labels_tif, grid, months, modalities, size, min_valid_fraction, bands)
     write_chips(df, out)
     log.info("%d chips: %s", len(df), df["split"].value_counts().to_dict())
     return df

@@ -28,10 +28,47 @@ def _grid(p: dict) -> Grid:
 
 
 def _checked_stacks(a: argparse.Namespace, p: dict[str, Any], window: Any = None) -> None:
-    """Stop with one line naming the file and the fix if a stack is corrupt or off the grid."""
+    """Stop with one line naming the file and the fix if a stack is corrupt, off the grid or
+    holds other bands or months than the config's."""
     from cropmap.io import check_stacks
 
-    check_stacks(Path(a.stack_dir), _grid(p), p["modalities"], window=window)
+    check_stacks(Path(a.stack_dir), _grid(p), p["modalities"], window=window, months=p["months"], bands=p.get("bands"))
+
+
+def _sort_inputs(a: argparse.Namespace) -> None:
+    """Spread ``--inputs`` (what a rule's input function chose) over the stage's input arguments.
+
+    A region's data is its stack folder, ``labels.tif`` (``.tif``) and ``chips.parquet``
+    (``.parquet``); a training set's is ``samples.npz`` (``.npz``); a cross-validation fold is a
+    folder holding either ``labels.tif`` + ``chips.parquet`` or ``samples.npz``. Checkpoints
+    (``.ckpt``) are left alone: the stages get their model otherwise.
+    """
+    for raw in getattr(a, "inputs", None) or []:
+        path = Path(raw)
+        found: dict[str, Path] = {}
+        if path.suffix == ".npz":
+            found["samples"] = path
+        elif path.suffix in (".tif", ".tiff"):
+            found["labels"] = path
+        elif path.suffix == ".parquet":
+            found["chips"] = path
+        elif path.is_dir() and (path / "samples.npz").exists():
+            found["samples"] = path / "samples.npz"
+        elif path.is_dir() and (path / "labels.tif").exists():
+            found |= {"labels": path / "labels.tif", "chips": path / "chips.parquet"}
+        elif path.is_dir():
+            found["stack_dir"] = path
+        elif path.suffix != ".ckpt":
+            raise CropmapError(f"--inputs: {raw} is none of a stack folder, labels .tif, chips .parquet or samples .npz")
+        for k, v in found.items():
+            if getattr(a, k, None) is None:
+                setattr(a, k, str(v))
+
+
+def _need(a: argparse.Namespace, *names: str) -> None:
+    missing = [n for n in names if getattr(a, n, None) is None]
+    if missing:
+        raise CropmapError(f"cropmap {a.stage}: give {', '.join('--' + n.replace('_', '-') for n in missing)} (or --inputs)")
 
 
 def cmd_fetch(a: argparse.Namespace, p: dict[str, Any]) -> None:
@@ -56,31 +93,53 @@ def cmd_labels(a: argparse.Namespace, p: dict[str, Any]) -> None:
 
     lab = p["labels"] or {"path": str(Path(a.raw_dir) / "fields.gpkg"), "column": "code", "layer": None}
     labels.run(Path(lab["path"]), Path(a.out_tif), Path(a.out_gpkg), _grid(p), p["classes"], column=lab.get("column", "code"),
-               layer=lab.get("layer"), block_size=p["split"]["block_size"], fractions=p["split"]["fractions"], seed=p["seed"])
+               layer=lab.get("layer"), block_size=p["split"]["block_size"], fractions=p["split"]["fractions"], seed=p["seed"],
+               chip_size=p.get("chip_size"))
+
+
+def cmd_samples(a: argparse.Namespace, p: dict[str, Any]) -> None:
+    from cropmap import samples
+
+    samples.run(p, Path(a.out))
 
 
 def cmd_fold(a: argparse.Namespace, p: dict[str, Any]) -> None:
     from cropmap import fold
 
-    fold.write_fold(Path(a.labels), Path(a.chips), Path(a.out_tif), Path(a.out_chips), _grid(p),
-                      block_size=p["split"]["block_size"], fractions=p["split"]["fractions"], seed=p["seed"],
-                      folds=p["folds"], fold=int(a.fold))
+    _sort_inputs(a)
+    with _atomic_dir(Path(a.out_dir)) as tmp:
+        if a.samples is not None:
+            fold.write_samples_fold(Path(a.samples), tmp, fractions=p["split"]["fractions"], seed=p["seed"], folds=p["folds"],
+                                    fold=int(a.fold))
+            return
+        _need(a, "labels", "chips")
+        fold.write_fold(Path(a.labels), Path(a.chips), tmp, _grid(p), block_size=p["split"]["block_size"],
+                        fractions=p["split"]["fractions"], seed=p["seed"], folds=p["folds"], fold=int(a.fold))
 
 
 def cmd_chips(a: argparse.Namespace, p: dict[str, Any]) -> None:
     from cropmap import chips
 
     _checked_stacks(a, p)
-    chips.run(Path(a.stack_dir), Path(a.labels), Path(a.out), _grid(p), p["months"], p["modalities"], p["size"], p["min_valid_fraction"])
+    chips.run(Path(a.stack_dir), Path(a.labels), Path(a.out), _grid(p), p["months"], p["modalities"], p["size"], p["min_valid_fraction"],
+              bands=p.get("bands"))
 
 
 def cmd_train(a: argparse.Namespace, p: dict[str, Any]) -> None:
     from cropmap import train
 
-    _checked_stacks(a, p)
+    _sort_inputs(a)
     settings = train.TrainSettings.from_config(p, a.task, p["months"])
-    summary = train.run(settings, Path(a.stack_dir), Path(a.labels), Path(a.chips), _grid(p), Path(a.out), Path(a.work_dir),
-                        summary_json=Path(a.summary) if a.summary else None)
+    summary_json = Path(a.summary) if a.summary else None
+    if a.samples is not None:  # a training set
+        if a.task != "classification":
+            raise CropmapError(f"cropmap train: {a.samples} holds pixel samples; train them with --task classification")
+        summary = train.run_samples(settings, Path(a.samples), Path(a.out), Path(a.work_dir), summary_json=summary_json)
+    else:  # a region
+        _need(a, "stack_dir", "labels", "chips")
+        _checked_stacks(a, p)
+        summary = train.run(settings, Path(a.stack_dir), Path(a.labels), Path(a.chips), _grid(p), Path(a.out), Path(a.work_dir),
+                            summary_json=summary_json)
     log.info("trained: %s", json.dumps(summary))
 
 
@@ -91,7 +150,7 @@ def cmd_pretrain(a: argparse.Namespace, p: dict[str, Any]) -> None:
     summary = pretrain.run(Path(a.stack_dir), Path(a.chips), _grid(p), p["months"], p["modalities"], Path(a.out),
                            preset=p["preset"], epochs=pt["epochs"], batch_size=pt["batch_size"], lr=pt["lr"],
                            seed=p["seed"], device=p["device"], min_valid_fraction=p["min_valid_fraction"],
-                           labels_tif=Path(a.labels))
+                           labels_tif=Path(a.labels), bands=p.get("bands"))
     log.info("pretrained: %s", json.dumps(summary, default=str))
 
 
@@ -103,7 +162,7 @@ def cmd_predict(a: argparse.Namespace, p: dict[str, Any]) -> None:
     _checked_stacks(a, p, window=tile_window(_grid(p), a.tile, pr["tile_size"]))
     predict.run(Path(a.model), Path(a.stack_dir), _grid(p), a.tile, Path(a.out), tile_size=pr["tile_size"],
                 modalities=p["modalities"], chip_size=p["chip_size"], overlap=pr["overlap"], batch_size=pr["batch_size"],
-                device=pr["device"], probabilities=pr["probabilities"])
+                device=pr["device"], probabilities=pr["probabilities"], season_key=f"regions.{p['region']}.season")
 
 
 def cmd_mosaic(a: argparse.Namespace, p: dict[str, Any]) -> None:
@@ -113,9 +172,14 @@ def cmd_mosaic(a: argparse.Namespace, p: dict[str, Any]) -> None:
     tags = {"cropmap_region": p["region"], "cropmap_method": p["model"]["method"], "cropmap_task": p["model"]["task"],
             "cropmap_season": f"{p['months'][0]}/{p['months'][-1]}", "cropmap_sources": json.dumps(p["sources"])}
     out = Path(a.out)
-    mosaic.mosaic_to_cog(tiles, out, _grid(p), p["classes"], tags=tags, proba_out=Path(a.proba) if a.proba else None)
-    mosaic.quicklook(out, Path(a.quicklook), p["classes"], title=f"cropmap {p['region']} ({p['model']['method']})")
-    mosaic.stac_item(out, Path(a.stac), p["region"], p["classes"], bbox=p["bbox"], months=p["months"], sources=p["sources"], model=p["model"],
+    classes = p["classes"]
+    if a.model:  # the legend of the model that drew the map (a training set's classes may come from its tables)
+        from cropmap.predict.bundle import bundle_classes
+
+        classes = bundle_classes(Path(a.model))
+    mosaic.mosaic_to_cog(tiles, out, _grid(p), classes, tags=tags, proba_out=Path(a.proba) if a.proba else None)
+    mosaic.quicklook(out, Path(a.quicklook), classes, title=f"cropmap {p['region']} ({p['model']['method']})")
+    mosaic.stac_item(out, Path(a.stac), p["region"], classes, bbox=p["bbox"], months=p["months"], sources=p["sources"], model=p["model"],
                    proba_tif=Path(a.proba) if a.proba else None)
 
 
@@ -129,11 +193,16 @@ def cmd_expected_f1(a: argparse.Namespace, p: dict[str, Any]) -> None:
 def cmd_metrics(a: argparse.Namespace, p: dict[str, Any]) -> None:
     from cropmap import metrics
 
-    _checked_stacks(a, p)
+    _sort_inputs(a)
     ev = p["evaluation"]
-    df = metrics.evaluate(Path(a.model), Path(a.stack_dir), Path(a.labels), Path(a.chips), _grid(p),
-                         max_pixels_per_class=ev["max_pixels_per_class"], seed=p["seed"],
-                         device=p["prediction"]["device"], batch_size=p["prediction"]["batch_size"])
+    kw = {"max_pixels_per_class": ev["max_pixels_per_class"], "seed": p["seed"], "device": p["prediction"]["device"],
+          "batch_size": p["prediction"]["batch_size"]}
+    if a.samples is not None:  # a training set: its test-split samples
+        df = metrics.evaluate_set(Path(a.model), Path(a.samples), **kw)
+    else:
+        _need(a, "stack_dir", "labels", "chips")
+        _checked_stacks(a, p)
+        df = metrics.evaluate(Path(a.model), Path(a.stack_dir), Path(a.labels), Path(a.chips), _grid(p), **kw)
     for tag in a.tag:
         key, _, value = tag.partition("=")
         df.insert(0, key, value)
@@ -207,9 +276,10 @@ STAGES: dict[str, str] = {
     "fetch": "fetch every modality of a region from its source into raw/ (+ availability.json)",
     "stack": "align each fetched modality onto the region grid (one GeoTIFF per modality)",
     "labels": "rasterise labelled fields onto the grid and split it into spatial blocks",
-    "fold": "labels and chips of one fold of spatial cross-validation (compare.folds)",
+    "samples": "read a training set's tables: samples on its season, classes, spatial groups and split (samples.npz)",
+    "fold": "labels and chips, or samples, of one fold of spatial cross-validation (compare.folds)",
     "chips": "enumerate segmentation chips with split and per-sensor presence (chips.parquet)",
-    "train": "train a co-learning model of a region (model.ckpt + train_summary.json)",
+    "train": "train a co-learning model of a region or training set (model.ckpt + train_summary.json)",
     "pretrain": "self-supervised pretraining of the imt encoder on a region's stacks",
     "predict": "predict one tile of a region with whichever sensors each pixel has",
     "mosaic": "mosaic the tiles into the map COG, a quicklook PNG and a STAC item",
@@ -244,18 +314,25 @@ def build_parser() -> argparse.ArgumentParser:
         dask_scheduler={"default": os.environ.get("CROPMAP_DASK_SCHEDULER", ""),
                         "help": "address of a running dask.distributed scheduler (dask.scheduler; default $CROPMAP_DASK_SCHEDULER)"})
     add("labels", cmd_labels, "raw_dir", "out_tif", "out_gpkg")
-    add("fold", cmd_fold, "labels", "chips", "fold", "out_tif", "out_chips")
+    inputs = {"nargs": "+", "default": None,
+              "help": "the rule's inputs, told apart by kind: a stack folder, labels .tif, chips .parquet, samples .npz, a fold folder"}
+    add("samples", cmd_samples, "out")
+    add("fold", cmd_fold, "fold", "out_dir", inputs=inputs, labels={"default": None}, chips={"default": None},
+        samples={"default": None})
     add("chips", cmd_chips, "stack_dir", "labels", "out")
-    add("train", cmd_train, "stack_dir", "labels", "chips", "out", "work_dir",
+    add("train", cmd_train, "out", "work_dir", inputs=inputs, stack_dir={"default": None}, labels={"default": None},
+        chips={"default": None}, samples={"default": None, "help": "a training set's samples.npz (instead of a region's data)"},
         task={"choices": ["classification", "segmentation"], "required": True},
         summary={"default": None, "help": "training summary JSON (default train_summary.json beside --out)"})
     add("pretrain", cmd_pretrain, "stack_dir", "labels", "chips", "out")
     add("predict", cmd_predict, "model", "stack_dir", "tile", "out")
     add("mosaic", cmd_mosaic, "out", "quicklook", "stac", tiles_dir={"default": None}, tiles={"nargs": "*", "default": []},
-        proba={"default": None})
+        proba={"default": None}, model={"default": None, "help": "model.ckpt that drew the tiles: its class table is the legend "
+                                                             "(default the config's classes)"})
     add("expected_f1", cmd_expected_f1, "map", "metrics", "out")
     add("coverage", cmd_coverage, "map", "stack_dir", "out")
-    add("metrics", cmd_metrics, "model", "stack_dir", "labels", "chips", "out",
+    add("metrics", cmd_metrics, "model", "out", inputs=inputs, stack_dir={"default": None}, labels={"default": None},
+        chips={"default": None}, samples={"default": None, "help": "a training set's samples.npz (its test split is scored)"},
         tag={"action": "append", "default": [], "help": "KEY=VALUE column added to every row (e.g. method=comiss)"},
         confusion={"default": None, "help": "also write the confusion counts of every subset here (subset,true,pred,count)"})
     add("area", cmd_area, "map", "labels", "out_csv", "out_json")

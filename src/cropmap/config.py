@@ -10,6 +10,7 @@ method names it accepts come from the method registry (:mod:`cropmap.models.regi
 from __future__ import annotations
 
 import copy
+import glob as globmod
 import json
 from collections.abc import Iterator
 from importlib import resources
@@ -20,8 +21,9 @@ from typing import Any
 import jsonschema
 import yaml
 
-from cropmap.errors import ConfigError, InputDataError
-from cropmap.grid import Grid, season_months
+from cropmap.errors import ConfigError, InputDataError, UnknownNameError
+from cropmap.grid import Grid, check_calendar_alignment, season_months
+from cropmap.modalities import resolve_bands
 
 
 def schema_path() -> Traversable:
@@ -117,6 +119,50 @@ def validate(config: dict, schema: dict | None = None) -> dict:
 
 
 def _check_semantics(config: dict) -> None:
+    regions, sets = config["regions"], config["training_sets"]
+    if not regions and not sets:
+        raise ConfigError("config: no regions and no training_sets; add a region to map (regions: {name: {bbox, season}}) "
+                          "or a training set (training_sets: {name: {tables, season}})")
+    try:
+        resolve_bands(config["bands"])
+    except UnknownNameError as exc:
+        raise ConfigError(f"config key {exc}") from None
+    _check_classes(config)
+    for name, ts in sets.items():
+        if name in regions:
+            raise ConfigError(f"config key training_sets.{name}: {name!r} is also a region; regions and training sets share one "
+                              f"namespace (data/{name}, models/{name}, results/{name}): rename one of them")
+        try:
+            season_months(ts["season"]["start"], ts["season"]["end"])
+        except ConfigError as exc:
+            raise ConfigError(f"config key training_sets.{name}.season: {exc}") from None
+    for name, region in regions.items():
+        _check_region(config, name, region)
+    task = compare_task(config)
+    from cropmap.models.registry import methods_for
+
+    wrong = [m for m in config["compare"]["methods"] if m not in methods_for(task)]  # type: ignore[arg-type]
+    if wrong:
+        raise ConfigError(f"config key compare.methods: {wrong} cannot do {task} (compare.task); use some of {list(methods_for(task))}")  # type: ignore[arg-type]
+    for r in config["compare"]["regions"] or []:
+        if r in sets:
+            if task != "classification":
+                raise ConfigError(f"config key compare.regions: training set {r!r} trains pixel classifiers only; "
+                                  "set compare.task: classification or compare regions only")
+        elif r not in regions or not has_labels(config, r):
+            raise ConfigError(f"config key compare.regions: {r!r} is not a region with labels or a training set; name some of "
+                              f"{[x for x in regions if has_labels(config, x)] + list(sets)}")
+    fr = config["split"]["fractions"]
+    if not sum(fr.values()) > 0 or fr["train"] <= 0 or fr["val"] <= 0 or fr["test"] <= 0:
+        raise ConfigError("config key split.fractions: train, val and test must all be > 0, e.g. {train: 0.7, val: 0.15, test: 0.15}")
+    if config["split"]["block_size"] % config["chips"]["size"]:
+        raise ConfigError(
+            f"config key chips.size: {config['chips']['size']} must divide split.block_size {config['split']['block_size']} "
+            "so that every chip lies in one split; e.g. chips.size 32 with block_size 64"
+        )
+
+
+def _check_classes(config: dict) -> None:
     ids = [c["id"] for c in config["classes"]]
     names = [c["name"] for c in config["classes"]]
     for label, values in (("id", ids), ("name", names)):
@@ -131,53 +177,58 @@ def _check_semantics(config: dict) -> None:
                     f"config key classes: code {code!r} maps to both {seen_codes[str(code)]} and {c['name']}; keep it in one class"
                 )
             seen_codes[str(code)] = c["name"]
-    for name, region in config["regions"].items():
-        key = f"regions.{name}"
-        uses_files = any(region_source(region, m) == "files" for m in config["modalities"])
-        if uses_files and not region.get("files"):
-            raise ConfigError(f"config key {key}.files: the region takes stacks from files but lists none; "
-                              "add files: {s2: path/to/s2_cube.nc, ...} (see docs/real_data.md)")
-        if region.get("bbox") is None and not region.get("files"):
-            raise ConfigError(f"config key {key}.bbox: missing; add bbox: [lon_min, lat_min, lon_max, lat_max] "
-                              "(only a region with files may leave it out: their footprint is used)")
-        if region.get("bbox") is None:
-            try:  # the grid comes from the files: they must exist and be readable now
-                region_grid(region)
-            except InputDataError as exc:
-                raise ConfigError(f"config key {key}.files: {exc}") from None
-        if region.get("bbox") is not None:
-            lon0, lat0, lon1, lat1 = region["bbox"]
-            if lon1 <= lon0 or lat1 <= lat0:
-                try:
-                    Grid.from_bbox(region["bbox"])
-                except ConfigError as exc:
-                    raise ConfigError(f"config key {key}.bbox: {exc}") from None
-        try:
-            season_months(region["season"]["start"], region["season"]["end"])
-        except ConfigError as exc:
-            raise ConfigError(f"config key {key}.season: {exc}") from None
-        src = region_source(region, "s2")  # validates nothing more; keeps symmetry
-        del src
-        frm = region.get("model_from")
-        if frm is not None and frm not in config["regions"]:
-            raise ConfigError(f"config key {key}.model_from: region {frm!r} is not in regions; name one of {sorted(config['regions'])}")
-        if region.get("labels") is None and region.get("source", "synthetic") != "synthetic" and frm is None:
-            raise ConfigError(
-                f"config key {key}: a region without labels needs model_from (a region whose model predicts it); add labels.path or model_from"
-            )
-        if frm is not None and config["regions"][frm].get("model_from") is not None:
-            raise ConfigError(f"config key {key}.model_from: {frm} itself borrows a model; point to a region with labels")
-    for r in config["compare"]["regions"] or []:
-        if r not in config["regions"] or not has_labels(config, r):
-            raise ConfigError(f"config key compare.regions: {r!r} is not a region with labels; name some of {[x for x in config['regions'] if has_labels(config, x)]}")
-    fr = config["split"]["fractions"]
-    if not sum(fr.values()) > 0 or fr["train"] <= 0 or fr["val"] <= 0 or fr["test"] <= 0:
-        raise ConfigError("config key split.fractions: train, val and test must all be > 0, e.g. {train: 0.7, val: 0.15, test: 0.15}")
-    if config["split"]["block_size"] % config["chips"]["size"]:
+    labelled = [r for r in config["regions"] if has_labels(config, r)]
+    if labelled and len(config["classes"]) < 2:
+        raise ConfigError(f"config key classes: the regions {labelled} have labels (synthetic regions bring their own), which need "
+                          "a class table of at least 2 classes; list them ({id, name, codes}) or map these regions with model_from")
+
+
+def _check_region(config: dict, name: str, region: dict) -> None:
+    key = f"regions.{name}"
+    uses_files = any(region_source(region, m) == "files" for m in config["modalities"])
+    if uses_files and not region.get("files"):
+        raise ConfigError(f"config key {key}.files: the region takes stacks from files but lists none; "
+                          "add files: {s2: path/to/s2_cube.nc, ...} (see docs/real_data.md)")
+    if region.get("bbox") is None and not region.get("files"):
+        raise ConfigError(f"config key {key}.bbox: missing; add bbox: [lon_min, lat_min, lon_max, lat_max] "
+                          "(only a region with files may leave it out: their footprint is used)")
+    if region.get("bbox") is None:
+        try:  # the grid comes from the files: they must exist and be readable now
+            region_grid(region)
+        except InputDataError as exc:
+            raise ConfigError(f"config key {key}.files: {exc}") from None
+    if region.get("bbox") is not None:
+        lon0, lat0, lon1, lat1 = region["bbox"]
+        if lon1 <= lon0 or lat1 <= lat0:
+            try:
+                Grid.from_bbox(region["bbox"])
+            except ConfigError as exc:
+                raise ConfigError(f"config key {key}.bbox: {exc}") from None
+    try:
+        season_months(region["season"]["start"], region["season"]["end"])
+    except ConfigError as exc:
+        raise ConfigError(f"config key {key}.season: {exc}") from None
+    regions, sets = config["regions"], config["training_sets"]
+    frm = region.get("model_from")
+    if frm is not None and frm not in regions and frm not in sets:
+        raise ConfigError(f"config key {key}.model_from: {frm!r} is neither a region nor a training set; name one of "
+                          f"{sorted(regions) + sorted(sets)}")
+    if region.get("labels") is None and region.get("source", "synthetic") != "synthetic" and frm is None:
         raise ConfigError(
-            f"config key chips.size: {config['chips']['size']} must divide split.block_size {config['split']['block_size']} "
-            "so that every chip lies in one split; e.g. chips.size 32 with block_size 64"
+            f"config key {key}: a region without labels needs model_from (a region or training set whose model predicts it); "
+            "add labels.path or model_from"
         )
+    if frm is None:
+        return
+    if frm in regions and regions[frm].get("model_from") is not None:
+        raise ConfigError(f"config key {key}.model_from: {frm} itself borrows a model; point to a region with labels or a training set")
+    if frm in sets and config["model"]["task"] != "classification":
+        raise ConfigError(f"config key {key}.model_from: training set {frm!r} trains a pixel classifier only; "
+                          "set model.task: classification or map the region with a region's model")
+    try:
+        check_calendar_alignment(months_of(config, frm), region_months(region), what=f"regions.{name} and its model {frm}")
+    except InputDataError as exc:
+        raise ConfigError(f"config key {key}.season: {exc}") from None
 
 
 def region_source(region: dict, modality: str) -> str:
@@ -227,8 +278,52 @@ def dumps(obj: Any) -> str:
 
 
 def model_region(config: dict, region: str) -> str:
-    """Region whose model predicts ``region`` (itself unless ``model_from`` is set)."""
+    """Region or training set whose model predicts ``region`` (itself unless ``model_from`` is
+    set; a training set is its own)."""
+    if region in config["training_sets"]:
+        return region
     return config["regions"][region].get("model_from") or region
+
+
+def is_training_set(config: dict, name: str) -> bool:
+    """Whether ``name`` is a training set (else a region)."""
+    return name in config["training_sets"]
+
+
+def months_of(config: dict, name: str) -> list[str]:
+    """Season months of a region or training set."""
+    if name in config["training_sets"]:
+        return region_months(config["training_sets"][name])
+    return region_months(config["regions"][name])
+
+
+def bands_of(config: dict) -> dict[str, list[str]]:
+    """The bands of every configured modality (``bands``, every band where not narrowed)."""
+    full = resolve_bands(config["bands"])
+    return {m: list(full[m]) for m in config["modalities"]}
+
+
+def region_files(config: dict, region: str) -> list[str]:
+    """The files a ``files`` region's stacks come from (globs expanded), the ``fetch`` rule's
+    inputs so that editing a cube reruns it. A missing file is left out: the fetch stage then
+    names it (one line)."""
+    r = config["regions"][region]
+    out: list[str] = []
+    for m, v in (r.get("files") or {}).items():
+        if m not in config["modalities"] or region_source(r, m) != "files" or not v:
+            continue
+        path = str(v if isinstance(v, str) else v.get("path", ""))
+        if any(ch in path for ch in "*?["):
+            out.extend(sorted(globmod.glob(path)))
+        elif path and Path(path).exists():
+            out.append(path)
+    return out
+
+
+def table_files(config: dict, name: str) -> list[str]:
+    """The tables of a training set that exist (the ``samples`` rule's inputs; the stage names a
+    missing one)."""
+    return [str(t["path"]) for t in config["training_sets"][name]["tables"] if Path(t["path"]).exists()]
 
 
 def has_labels(config: dict, region: str) -> bool:
@@ -243,26 +338,25 @@ def stage_params(config: dict, stage: str, region: str, method: str | None = Non
     Rules pass it to the stage as JSON, so Snakemake reruns a job exactly when its part of
     the config changed (adding a region changes no other region's parameters).
     """
+    if region in config["training_sets"]:
+        return _training_set_params(config, stage, region, method)
     r = config["regions"][region]
     grid = region_grid(r).to_dict()
     months = region_months(r)
-    base = {"region": region, "grid": grid, "months": months, "modalities": config["modalities"]}
+    base = {"region": region, "grid": grid, "months": months, "modalities": config["modalities"], "bands": bands_of(config)}
     if stage == "fetch":
         return base | {"config": r, "classes": config["classes"], "seed": config["seed"]}
     if stage == "stack":
         return base
     if stage == "labels":
-        return base | {"labels": r.get("labels"), "classes": config["classes"], "split": config["split"], "seed": config["seed"]}
+        return base | {"labels": r.get("labels"), "classes": config["classes"], "split": config["split"], "seed": config["seed"],
+                       "chip_size": config["chips"]["size"]}
     if stage == "fold":
         return {"region": region, "grid": grid, "split": config["split"], "seed": config["seed"], "folds": config["compare"]["folds"]}
     if stage == "chips":
         return base | {"size": config["chips"]["size"], "min_valid_fraction": config["availability"]["min_valid_fraction"]}
     if stage == "train":
-        p = base | copy.deepcopy({k: config[k] for k in ("model", "training", "classes", "availability", "seed")})
-        if method is not None:  # a run of the comparison protocol
-            p["model"]["method"] = method
-            if config["compare"]["epochs"]:
-                p["training"]["epochs"] = config["compare"]["epochs"]
+        p = _train_params(config, base, method)
         if uses_pretraining(config, p["model"]["method"]):
             p["model"]["options"]["pretrained"] = pretrain_path(config, region)
         return p
@@ -286,9 +380,35 @@ def stage_params(config: dict, stage: str, region: str, method: str | None = Non
     raise ValueError(f"unknown stage {stage!r}")
 
 
+def _train_params(config: dict, base: dict[str, Any], method: str | None) -> dict[str, Any]:
+    p = base | copy.deepcopy({k: config[k] for k in ("model", "training", "classes", "availability", "seed")})
+    if method is not None:  # a run of the comparison protocol
+        p["model"]["method"] = method
+        if config["compare"]["epochs"]:
+            p["training"]["epochs"] = config["compare"]["epochs"]
+    return p
+
+
+def _training_set_params(config: dict, stage: str, name: str, method: str | None) -> dict[str, Any]:
+    """:func:`stage_params` of a training set (stages ``samples``, ``fold``, ``train``, ``metrics``)."""
+    base = {"region": name, "months": months_of(config, name), "modalities": config["modalities"], "bands": bands_of(config)}
+    if stage == "samples":
+        return base | {"name": name, "set": config["training_sets"][name], "classes": config["classes"], "seed": config["seed"],
+                       "split": config["split"]["fractions"], "min_valid_fraction": config["availability"]["min_valid_fraction"]}
+    if stage == "fold":
+        return {"region": name, "split": config["split"], "seed": config["seed"], "folds": config["compare"]["folds"]}
+    if stage == "train":
+        return _train_params(config, base, method)
+    if stage == "metrics":
+        return base | {"evaluation": config["evaluation"], "seed": config["seed"], "prediction": config["prediction"]}
+    raise ValueError(f"stage {stage!r} does not apply to the training set {name!r} (it has no stacks or map)")
+
+
 def compare_regions(config: dict) -> list[str]:
-    """Regions of the comparison protocol (default: every region with labels)."""
-    return list(config["compare"]["regions"] or [r for r in config["regions"] if has_labels(config, r)])
+    """Regions and training sets of the comparison protocol (default: every region with labels
+    and, when pixel classifiers are compared, every training set)."""
+    sets = list(config["training_sets"]) if compare_task(config) == "classification" else []
+    return list(config["compare"]["regions"] or [r for r in config["regions"] if has_labels(config, r)] + sets)
 
 
 def compare_task(config: dict) -> str:

@@ -15,7 +15,7 @@ Two sample kinds come out of the same chips:
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -33,7 +33,7 @@ from tqdm import tqdm
 from cropmap.availability import presence_stack
 from cropmap.grid import Grid
 from cropmap.labels import NODATA, SPLITS
-from cropmap.modalities import TEMPORAL, band_descriptions, n_channels
+from cropmap.modalities import TEMPORAL, band_descriptions, channels_per_step, resolve_bands
 
 #: Label of pixels without a class in samples and chips (the loss ignores it).
 IGNORE_INDEX = -100
@@ -55,15 +55,16 @@ class StackDataset(RasterDataset):
             cls.filename_glob = f"{cls.modality}.tif"
             cls.filename_regex = rf"^{cls.modality}\.tif$"
 
-    def __init__(self, paths: Path | str, months: Sequence[str], **kwargs: Any) -> None:
+    def __init__(self, paths: Path | str, months: Sequence[str], bands: Sequence[str] | None = None, **kwargs: Any) -> None:
         """Open the stack of :attr:`modality` under ``paths``.
 
         Args:
             paths: the region's ``stack`` folder or the file itself.
             months: season months, defining :attr:`all_bands`.
+            bands: the stack's bands (default every band of the modality; the config's ``bands``).
             **kwargs: passed to :class:`RasterDataset` (crs, res, transforms, cache).
         """
-        self.all_bands = tuple(band_descriptions(self.modality, months))
+        self.all_bands = tuple(band_descriptions(self.modality, months, bands))
         super().__init__(paths, **kwargs)
 
 
@@ -106,10 +107,11 @@ STACK_DATASETS: dict[str, type[StackDataset]] = {
 }
 
 
-def open_stacks(stack_dir: Path, months: Sequence[str], modalities: Sequence[str]) -> dict[str, StackDataset]:
-    """TorchGeo datasets for the modalities whose stack exists in ``stack_dir``."""
+def open_stacks(stack_dir: Path, months: Sequence[str], modalities: Sequence[str],
+                bands: Mapping[str, Sequence[str]] | None = None) -> dict[str, StackDataset]:
+    """TorchGeo datasets for the modalities whose stack exists in ``stack_dir`` (``bands``: the config's)."""
     return {
-        m: STACK_DATASETS[m](stack_dir / f"{m}.tif", months)
+        m: STACK_DATASETS[m](stack_dir / f"{m}.tif", months, (bands or {}).get(m))
         for m in modalities
         if (stack_dir / f"{m}.tif").exists()
     }
@@ -139,9 +141,12 @@ def read_query(ds: RasterDataset, query: tuple[slice, slice, slice]) -> np.ndarr
     return arr.numpy()
 
 
-def to_time_series(x: np.ndarray, modality: str) -> np.ndarray:
-    """``[T*C, ...]`` -> ``[..., T, C]`` for temporal modalities, ``[C, ...]`` -> ``[..., C]`` for static ones."""
-    c = n_channels(modality)
+def to_time_series(x: np.ndarray, modality: str, channels: int | None = None) -> np.ndarray:
+    """``[T*C, ...]`` -> ``[..., T, C]`` for temporal modalities, ``[C, ...]`` -> ``[..., C]`` for static ones.
+
+    ``channels``: channels per time step ``C`` (default every band of the modality).
+    """
+    c = channels or channels_per_step(None, [modality])[modality]
     if TEMPORAL[modality]:
         t = x.shape[0] // c
         y = x.reshape(t, c, *x.shape[1:])
@@ -177,12 +182,14 @@ class PixelSamples:
 
 def sample_pixels(stack_dir: Path, labels_tif: Path, chips: pd.DataFrame, grid: Grid, months: Sequence[str],
                   modalities: Sequence[str], per_class: int, min_valid_fraction: float, seed: int,
-                  splits: Sequence[str] = SPLITS) -> PixelSamples:
+                  splits: Sequence[str] = SPLITS, bands: Mapping[str, Sequence[str]] | None = None) -> PixelSamples:
     """Stratified pixel sample: up to ``per_class`` labelled pixels per class and split.
 
     Pixels are chosen from ``labels.tif`` alone (seeded), then only the chips that hold chosen
-    pixels are read through the TorchGeo datasets.
+    pixels are read through the TorchGeo datasets. ``bands``: the stacks' bands per modality
+    (the config's ``bands``; default every band).
     """
+    channels = channels_per_step(bands, modalities)
     rng = np.random.default_rng(seed)
     with rasterio.open(labels_tif) as src:
         cls, spl = src.read(1), src.read(2)
@@ -194,7 +201,7 @@ def sample_pixels(stack_dir: Path, labels_tif: Path, chips: pd.DataFrame, grid: 
             idx = np.flatnonzero((cls == c) & (spl == si))
             pick = rng.choice(idx, size=min(per_class, len(idx)), replace=False)
             chosen.flat[pick] = True
-    stacks = open_stacks(stack_dir, months, modalities)
+    stacks = open_stacks(stack_dir, months, modalities, bands)
     xs: dict[str, list[np.ndarray]] = {m: [] for m in modalities}
     masks, ys, sps = [], [], []
     labels_ds = LabelRaster(labels_tif)
@@ -205,14 +212,14 @@ def sample_pixels(stack_dir: Path, labels_tif: Path, chips: pd.DataFrame, grid: 
         q = (slice(r.xmin, r.xmax, grid.res), slice(r.ymin, r.ymax, grid.res), slice(None))
         lab = read_query(labels_ds, q)
         arrays = {m: read_query(ds, q) for m, ds in stacks.items()}
-        pres = presence_stack(arrays, modalities, min_valid_fraction, lab.shape[1:])
+        pres = presence_stack(arrays, modalities, min_valid_fraction, lab.shape[1:], channels)
         sel = window
         for m in modalities:
             if m in arrays:
-                xs[m].append(to_time_series(arrays[m], m)[sel])
+                xs[m].append(to_time_series(arrays[m], m, channels[m])[sel])
             else:
                 t = len(months) if TEMPORAL[m] else None
-                shape = (int(sel.sum()), t, n_channels(m)) if t else (int(sel.sum()), n_channels(m))
+                shape = (int(sel.sum()), t, channels[m]) if t else (int(sel.sum()), channels[m])
                 xs[m].append(np.full(shape, np.nan, np.float32))
         masks.append(pres[:, sel].T)
         ys.append(lab[0][sel].astype(np.int64))
@@ -228,13 +235,18 @@ class ChipDataset(Dataset):
 
     Each item: ``{m: float32 [T*C, h, w]}`` for every modality (NaN-filled when absent from
     the region), ``mask: bool [M, h, w]`` and ``y: int64 [h, w]`` (``IGNORE_INDEX`` unlabelled).
+    ``bands``: the stacks' bands per modality (the config's ``bands``; default every band);
+    :attr:`channels` gives the channels per time step.
     """
 
     def __init__(self, stack_dir: Path, labels_tif: Path, chips: pd.DataFrame, grid: Grid, months: Sequence[str],
-                 modalities: Sequence[str], min_valid_fraction: float) -> None:
+                 modalities: Sequence[str], min_valid_fraction: float,
+                 bands: Mapping[str, Sequence[str]] | None = None) -> None:
         self.stack_dir, self.labels_tif = stack_dir, labels_tif
         self.chips = chips.reset_index(drop=True)
         self.grid, self.months, self.modalities = grid, list(months), list(modalities)
+        self.bands = {m: tuple(b) for m, b in resolve_bands(bands).items() if m in self.modalities}
+        self.channels = {m: len(b) for m, b in self.bands.items()}
         self.min_valid_fraction = min_valid_fraction
         self._stacks: dict[str, StackDataset] | None = None
         self._labels: LabelRaster | None = None
@@ -244,7 +256,7 @@ class ChipDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         if self._stacks is None:  # opened lazily, once per DataLoader worker
-            self._stacks = open_stacks(self.stack_dir, self.months, self.modalities)
+            self._stacks = open_stacks(self.stack_dir, self.months, self.modalities, self.bands)
             self._labels = LabelRaster(self.labels_tif)
         assert self._labels is not None
         r = self.chips.iloc[i]
@@ -254,9 +266,9 @@ class ChipDataset(Dataset):
         h, w = lab.shape[1:]
         out: dict[str, torch.Tensor] = {}
         for m in self.modalities:
-            n_bands = len(band_descriptions(m, self.months))
+            n_bands = len(band_descriptions(m, self.months, self.bands[m]))
             out[m] = torch.from_numpy(arrays[m]) if m in arrays else torch.full((n_bands, h, w), float("nan"))
-        out["mask"] = torch.from_numpy(presence_stack(arrays, self.modalities, self.min_valid_fraction, (h, w)))
+        out["mask"] = torch.from_numpy(presence_stack(arrays, self.modalities, self.min_valid_fraction, (h, w), self.channels))
         y = lab[0].astype(np.int64)
         y[lab[0] == NODATA] = IGNORE_INDEX
         out["y"] = torch.from_numpy(y)

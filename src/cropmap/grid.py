@@ -6,6 +6,7 @@ Every stack of a region is on exactly this grid, so sampling never reprojects.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from pyproj import CRS
 from rasterio.warp import transform_bounds
 from rasterio.windows import Window
 
-from cropmap.errors import ConfigError, GridMismatchError
+from cropmap.errors import ConfigError, GridMismatchError, InputDataError
 
 
 def utm_epsg(lon: float, lat: float) -> int:
@@ -188,6 +189,28 @@ def season_months(start: str, end: str) -> list[str]:
         out.append(f"{y:04d}-{m:02d}")
         y, m = (y + 1, 1) if m == 12 else (y, m + 1)
     return out
+
+
+
+def check_calendar_alignment(train_months: Sequence[str], region_months: Sequence[str], *, what: str) -> None:
+    """Check that a region's season maps month by month onto a training season.
+
+    A model learned on ``train_months`` reads a region's ``region_months`` step by step: the two
+    must have the same length and start in the same calendar month (January to January, whatever
+    the years).
+
+    Raises:
+        InputDataError: naming ``what`` (e.g. the region and the training set), both seasons and the fix.
+    """
+    same_len = len(train_months) == len(region_months)
+    same_start = bool(train_months) and bool(region_months) and train_months[0][5:7] == region_months[0][5:7]
+    if not (same_len and same_start):
+        raise InputDataError(
+            f"{what}: the season {region_months[0] if region_months else '?'} .. {region_months[-1] if region_months else '?'} "
+            f"({len(region_months)} months) does not align month by month with the training season "
+            f"{train_months[0] if train_months else '?'} .. {train_months[-1] if train_months else '?'} ({len(train_months)} months); "
+            "give both seasons the same length and the same first calendar month"
+        )
 
 
 def window_key(row: int, col: int) -> str:

@@ -8,14 +8,14 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import rasterio
 from rasterio.errors import RasterioIOError
 from rasterio.windows import Window
 
-from cropmap.errors import CorruptRasterError
+from cropmap.errors import CorruptRasterError, GridMismatchError
 from cropmap.grid import Grid
 
 
@@ -96,14 +96,19 @@ def check_readable(path: str | Path, hint: str = "delete it and rerun the stage 
 
 
 def check_stacks(stack_dir: str | Path, grid: Grid, modalities: list[str] | tuple[str, ...],
-                 window: Window | None = None) -> dict[str, Path]:
-    """Check a region's stack files before a stage reads them: on ``grid`` and readable.
+                 window: Window | None = None, months: Sequence[str] | None = None,
+                 bands: Mapping[str, Sequence[str]] | None = None) -> dict[str, Path]:
+    """Check a region's stack files before a stage reads them: on ``grid``, readable, and (with
+    ``months``) holding the configured bands and months.
 
     Args:
         stack_dir: the region's ``stack`` folder.
         grid: the region grid.
         modalities: modalities to look for (absent files are absent modalities).
         window: read only this window (a prediction tile) instead of every block.
+        months: the season's months: the band descriptions must be
+            :func:`cropmap.modalities.band_descriptions` of them and ``bands``.
+        bands: the config's ``bands`` (default every band).
 
     Returns:
         ``{modality: path}`` of the stack files present.
@@ -122,4 +127,14 @@ def check_stacks(stack_dir: str | Path, grid: Grid, modalities: list[str] | tupl
             first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise CorruptRasterError(f"{path} is truncated or corrupt ({first}): {fix}") from None
         check_readable(path, hint=fix, window=window)
+    if months is not None:
+        from cropmap.modalities import band_descriptions
+
+        for m, path in found.items():
+            want = band_descriptions(m, months, (bands or {}).get(m))
+            with rasterio.open(path) as src:
+                have = list(src.descriptions)
+            if have != want:
+                raise GridMismatchError(f"{path} holds bands {have[:3]}... ({len(have)}), expected {want[:3]}... ({len(want)}): "
+                                        f"the config's bands or season changed since it was stacked; {fix}")
     return found

@@ -2,7 +2,8 @@
 
 ``labels.tif`` has two uint8 bands: ``class`` (class id, 255 = unlabelled, with colour table)
 and ``split`` (0 train, 1 val, 2 test). Splits are assigned per square block of
-``block_size`` pixels, so no block (and no field inside one block) is in two splits (the
+``block_size`` pixels, so no block (and no field inside one block) is in two splits; the blocks
+are dealt by :func:`cropmap.splits.group_splits`, the splitter of training sets too (the
 cross-validation folds of ``compare.folds`` are :mod:`cropmap.fold`).
 ``labels.gpkg`` holds the polygons reprojected to the grid CRS with ``class_id``/``class_name``.
 """
@@ -21,6 +22,7 @@ from rasterio.features import rasterize
 from cropmap.errors import LabelError
 from cropmap.grid import Grid
 from cropmap.io import atomic_path
+from cropmap.splits import block_counts, group_splits
 
 log = logging.getLogger(__name__)
 
@@ -94,36 +96,30 @@ def block_shape(grid: Grid, block_size: int) -> tuple[int, int]:
     return -(-grid.height // block_size), -(-grid.width // block_size)
 
 
-def block_splits(grid: Grid, block_size: int, fractions: dict[str, float], seed: int) -> np.ndarray:
-    """Split id per block: ``[ceil(H/bs), ceil(W/bs)]`` uint8 with values 0/1/2.
-
-    Every split gets at least one block when there are three or more blocks.
-    """
-    nby, nbx = block_shape(grid, block_size)
-    n = nby * nbx
-    total = sum(fractions[s] for s in SPLITS)
-    n_val = round(fractions["val"] / total * n)
-    n_test = round(fractions["test"] / total * n)
-    if n >= 3:
-        n_val, n_test = max(1, n_val), max(1, n_test)
-        n_val = min(n_val, n - 2)
-        n_test = min(n_test, n - 1 - n_val)
-    ids = np.zeros(n, dtype=np.uint8)
-    order = np.random.default_rng(seed).permutation(n)
-    ids[order[:n_val]] = 1
-    ids[order[n_val : n_val + n_test]] = 2
-    return ids.reshape(nby, nbx)
-
-
 def expand_blocks(blocks: np.ndarray, grid: Grid, block_size: int) -> np.ndarray:
     """Per-pixel ``[H, W]`` raster from per-block values ``[ceil(H/bs), ceil(W/bs)]``."""
     full = np.kron(blocks, np.ones((block_size, block_size), dtype=blocks.dtype))
     return full[: grid.height, : grid.width]
 
 
-def split_raster(grid: Grid, block_size: int, fractions: dict[str, float], seed: int) -> np.ndarray:
-    """Per-pixel split id ``[H, W]`` expanded from :func:`block_splits`."""
-    return expand_blocks(block_splits(grid, block_size, fractions, seed), grid, block_size)
+def region_splits(cls: np.ndarray, grid: Grid, block_size: int, fractions: dict[str, float], seed: int, *,
+                  folds: int = 1, fold: int = 0, chip_size: int | None = None) -> np.ndarray:
+    """Per-pixel split id ``[H, W]``: :func:`cropmap.splits.group_splits` over the split blocks.
+
+    Each block's labelled pixels per class (inside the chips' extent, ``chip_size`` px chips
+    from the top-left corner, where training and metrics draw their samples) are what the
+    splitter deals; the same rule splits a training set's lat/lon cells.
+
+    Args:
+        cls: ``[H, W]`` class ids (``NODATA`` unlabelled).
+        folds, fold: ``compare.folds`` and the cross-validation fold (``folds == 1``: the
+            labels stage's own split).
+    """
+    extent = (grid.height // chip_size * chip_size, grid.width // chip_size * chip_size) if chip_size else None
+    counts = block_counts(cls, block_size, NODATA, extent)
+    ids = group_splits(counts, seed=seed, fractions=fractions, folds=folds, fold=fold, what=f"split blocks of {block_size} px",
+                       fix="lower split.block_size or enlarge the region")
+    return expand_blocks(ids.reshape(block_shape(grid, block_size)), grid, block_size)
 
 
 def split_counts(cls: np.ndarray, split: np.ndarray) -> dict[str, int]:
@@ -134,9 +130,12 @@ def split_counts(cls: np.ndarray, split: np.ndarray) -> dict[str, int]:
 def run(
     vector: Path, out_tif: Path, out_gpkg: Path, grid: Grid, classes: Sequence[dict], *,
     column: str = "code", layer: str | None = None, block_size: int = 64,
-    fractions: dict[str, float] | None = None, seed: int = 0,
+    fractions: dict[str, float] | None = None, seed: int = 0, chip_size: int | None = None,
 ) -> dict[str, int]:
     """Rasterise labels and write ``labels.tif`` + ``labels.gpkg``.
+
+    Args:
+        chip_size: ``chips.size``: only labelled pixels inside the chips' extent count for the split.
 
     Returns:
         Labelled-pixel counts per split.
@@ -147,7 +146,10 @@ def run(
         ((g, int(c)) for g, c in zip(gdf.geometry, gdf["class_id"], strict=True)),
         out_shape=grid.shape, transform=grid.transform, fill=NODATA, dtype="uint8",
     ) if len(gdf) else np.full(grid.shape, NODATA, np.uint8)
-    split = split_raster(grid, block_size, fractions, seed)
+    try:
+        split = region_splits(cls, grid, block_size, fractions, seed, chip_size=chip_size)
+    except LabelError as exc:
+        raise LabelError(f"{vector}: {exc}") from None
     prof = grid.profile(2, dtype="uint8", nodata=NODATA)
     with atomic_path(out_tif) as tmp, rasterio.open(tmp, "w", **prof) as dst:
         dst.write(cls, 1)
@@ -165,6 +167,4 @@ def run(
         gdf.to_file(tmp, driver="GPKG", layer="labels")
     counts = split_counts(cls, split)
     log.info("labelled pixels per split: %s", counts)
-    if counts["train"] == 0:
-        raise LabelError(f"{vector}: no labelled pixel falls in the training split of this region; check the file covers the bbox")
     return counts

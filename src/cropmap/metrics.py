@@ -24,6 +24,7 @@ from cropmap.datasets import IGNORE_INDEX, ChipDataset, PixelSamples, sample_pix
 from cropmap.grid import Grid
 from cropmap.io import atomic_path
 from cropmap.predict import Predictor
+from cropmap.predict.bundle import bundle_bands
 
 log = logging.getLogger(__name__)
 
@@ -78,12 +79,13 @@ def evaluate(ckpt: Path, stack_dir: Path, labels_tif: Path, chips_parquet: Path,
     region_mods = [m for m in mods if (stack_dir / f"{m}.tif").exists()]
     full = torch.tensor([m in region_mods for m in mods])
     batches: list[dict[str, torch.Tensor]] = []
+    bands = bundle_bands(predictor.bundle)
     if predictor.task == "classification":
         s = sample_pixels(stack_dir, labels_tif, chips[chips.split == "test"], grid, months, mods,
-                          max_pixels_per_class, mvf, seed, splits=("test",))
+                          max_pixels_per_class, mvf, seed, splits=("test",), bands=bands)
         return evaluate_samples(predictor, s, region_mods, batch_size)
     te = chips[(chips.split == "test") & (chips.n_labelled > 0)]
-    ds = ChipDataset(stack_dir, labels_tif, te, grid, months, mods, mvf)
+    ds = ChipDataset(stack_dir, labels_tif, te, grid, months, mods, mvf, bands)
     ys = []
     for i in range(len(ds)):
         it = ds[i]
@@ -93,6 +95,26 @@ def evaluate(ckpt: Path, stack_dir: Path, labels_tif: Path, chips_parquet: Path,
         batches.append({k: v.unsqueeze(0) for k, v in it.items()})
     y = np.concatenate(ys) if ys else np.zeros(0, np.int64)
     return subset_table(predictor, batches, y, region_mods)
+
+
+def evaluate_set(ckpt: Path, samples_npz: Path, *, max_pixels_per_class: int, seed: int, device: str = "auto",
+                 batch_size: int = 8192) -> pd.DataFrame:
+    """Metrics per modality subset on a training set's test split (``samples.npz``).
+
+    As for a region: up to ``max_pixels_per_class`` test samples per class (seeded), scored
+    where every modality the training set has (present for some sample) is present, once per
+    non-empty subset with the others masked as missing.
+
+    Returns:
+        One row per subset: ``subset, n_modalities, n, f1_weighted, f1_macro, accuracy``.
+    """
+    from cropmap.samples import cap_per_class, read_samples
+
+    predictor = Predictor(ckpt, device, batch_size)
+    s = read_samples(samples_npz)
+    test = cap_per_class(s.part(2), max_pixels_per_class, seed)
+    has = [m for i, m in enumerate(s.samples.modalities) if s.samples.mask[:, i].any()]
+    return evaluate_samples(predictor, test, [m for m in predictor.modalities if m in has], batch_size)
 
 
 def evaluate_samples(predictor: Predictor, s: PixelSamples, region_mods: Sequence[str] | None = None,

@@ -7,8 +7,10 @@ band descriptions are the bare band names.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Literal
+
+from cropmap.errors import UnknownNameError
 
 Modality = Literal["s2", "s1", "weather", "dem"]
 
@@ -46,8 +48,35 @@ def band_descriptions(modality: str, months: Sequence[str], bands: Sequence[str]
 
 
 def n_channels(modality: str) -> int:
-    """Number of channels per time step of ``modality``."""
+    """Number of channels per time step of ``modality`` when it holds every band of :data:`BANDS`."""
     return len(BANDS[modality])
+
+
+def resolve_bands(bands: Mapping[str, Sequence[str]] | None) -> dict[str, tuple[str, ...]]:
+    """Band list per modality: ``bands`` where given (the config's ``bands``), every band of
+    :data:`BANDS` otherwise.
+
+    Raises:
+        UnknownNameError: a modality or band that cropmap does not know (the message lists the valid ones).
+    """
+    out: dict[str, tuple[str, ...]] = {m: BANDS[m] for m in MODALITIES}
+    for m, bs in (bands or {}).items():
+        if m not in BANDS:
+            raise UnknownNameError(f"bands: unknown modality {m!r}; use some of {list(BANDS)}")
+        wrong = [b for b in bs if b not in BANDS[m]]
+        if wrong or not bs:
+            raise UnknownNameError(f"bands.{m}: {wrong or 'an empty list'} is not a subset of the {m} bands {list(BANDS[m])}; "
+                                   "list some of those (in any order)")
+        if len(set(bs)) != len(bs):
+            raise UnknownNameError(f"bands.{m}: {list(bs)} names a band twice; list each band once")
+        out[m] = tuple(bs)
+    return out
+
+
+def channels_per_step(bands: Mapping[str, Sequence[str]] | None, modalities: Sequence[str]) -> dict[str, int]:
+    """Channels per time step of each of ``modalities`` with ``bands`` (:func:`resolve_bands`)."""
+    full = resolve_bands(bands)
+    return {m: len(full[m]) for m in modalities}
 
 
 def bit(modality: str) -> int:

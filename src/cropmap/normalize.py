@@ -8,26 +8,29 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from cropmap.modalities import n_channels
 
-
-def fit_stats(samples: Mapping[str, np.ndarray], layout: str) -> dict[str, tuple[list[float], list[float]]]:
+def fit_stats(samples: Mapping[str, np.ndarray], layout: str,
+              channels: Mapping[str, int] | None = None) -> dict[str, tuple[list[float], list[float]]]:
     """Per-channel mean and std over valid (finite) values.
 
     Args:
         samples: ``{m: array}``; layout ``"pixels"``: ``[N, T, C]`` or ``[N, C]``;
             layout ``"chips"``: ``[N, T*C, H, W]`` or ``[N, C, H, W]``.
-        layout: ``"pixels"`` or ``"chips"``.
+        layout: ``"pixels"`` (channels from the arrays' last axis) or ``"chips"``.
+        channels: chips layout: channels per time step ``C`` of each modality (the stacks' bands).
 
     Returns:
         ``{m: (mean[C], std[C])}``; channels without any valid value get mean 0, std 1.
     """
     stats = {}
     for m, x in samples.items():
-        c = n_channels(m)
         if layout == "pixels":
+            c = x.shape[-1]
             flat = x.reshape(-1, c)
         else:
+            if channels is None or m not in channels:
+                raise ValueError(f"fit_stats: chips of {m} need its channels per time step")
+            c = channels[m]
             n = x.shape[0]
             t = x.shape[1] // c
             flat = np.moveaxis(x.reshape(n, t, c, -1), 2, -1).reshape(-1, c)

@@ -20,7 +20,7 @@ import logging
 import math
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,6 @@ from cropmap.datasets import ChipDataset
 from cropmap.device import resolve_device
 from cropmap.grid import Grid
 from cropmap.io import atomic_path
-from cropmap.modalities import n_channels
 from cropmap.models.imt import build_encoder, imt_config
 from cropmap.models.imt_pretrain import IMTPretrainer
 from cropmap.models.spatial import flat_channels
@@ -49,7 +48,7 @@ def _stats(ds: ChipDataset, n: int, seed: int) -> dict[str, tuple[list[float], l
     with warnings.catch_warnings():  # an all-NaN modality (no stack) gets mean 0, std 1
         warnings.simplefilter("ignore", RuntimeWarning)
         return fit_stats(
-            {m: torch.stack([it[m] for it in items]).numpy() for m in ds.modalities}, "chips"
+            {m: torch.stack([it[m] for it in items]).numpy() for m in ds.modalities}, "chips", ds.channels
         )
 
 
@@ -77,6 +76,7 @@ def run(
     temperature: float = 0.1,
     contrastive_weight: float = 1.0,
     num_workers: int = 0,
+    bands: Mapping[str, Sequence[str]] | None = None,
     **size: int,
 ) -> dict[str, Any]:
     """Pretrain the IMT encoder and write its checkpoint to ``out``.
@@ -99,6 +99,7 @@ def run(
         visible_fraction, alpha, temperature, contrastive_weight: the objective (see
             :class:`~cropmap.models.imt_pretrain.IMTPretrainer`).
         num_workers: DataLoader workers.
+        bands: the stacks' bands per modality (the config's ``bands``; default every band).
         **size: ``patch``, ``dim``, ``depth``, ``heads``, ``fusion_grid``, ``dec_dim``,
             ``dec_depth`` overrides of the preset.
 
@@ -127,12 +128,12 @@ def run(
             f"{chips_parquet}: no chip with a present modality outside the splits {list(exclude_splits)}; nothing to pretrain on"
         )
     ds = ChipDataset(
-        Path(stack_dir), labels_tif, chips, grid, months, modalities, min_valid_fraction
+        Path(stack_dir), labels_tif, chips, grid, months, modalities, min_valid_fraction, bands
     )
     stats = _stats(ds, stats_chips, seed)
     norm = Normalizer(stats).to(dev)
     cfg = imt_config(preset, **{k: v for k, v in size.items() if k not in ("dec_dim", "dec_depth")})
-    dims = flat_channels({m: n_channels(m) for m in modalities}, len(months), modalities)
+    dims = flat_channels(ds.channels, len(months), modalities)
     encoder = build_encoder(modalities, dims, cfg)
     rng = torch.Generator().manual_seed(seed)
     model = IMTPretrainer(

@@ -35,7 +35,7 @@ from tqdm import tqdm
 from cropmap.errors import ConfigError, CorruptRasterError, GridMismatchError
 from cropmap.grid import Grid, pixel_windows
 from cropmap.io import atomic_path
-from cropmap.modalities import band_descriptions
+from cropmap.modalities import TEMPORAL, band_descriptions
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +49,11 @@ def _transformer(dst_crs: str, src_crs: str, thread: int) -> Transformer:
     return Transformer.from_crs(dst_crs, src_crs, always_xy=True)
 
 
-def warp_window(raw: str, grid: dict, row: int, col: int, height: int, width: int) -> np.ndarray:
+def warp_window(raw: str, grid: dict, row: int, col: int, height: int, width: int,
+                indexes: tuple[int, ...] | None = None) -> np.ndarray:
     """Resample one window of the region grid from ``raw``: float32 ``[bands, height, width]``, NaN nodata.
+
+    ``indexes``: the raw file's bands to read (1-based; default every band).
 
     Every output pixel is computed on its own: its centre is projected exactly into the source
     (PROJ, no approximation) and interpolated bilinearly from the four nearest source pixels,
@@ -69,7 +72,8 @@ def warp_window(raw: str, grid: dict, row: int, col: int, height: int, width: in
                 raise GridMismatchError(f"{raw} has no CRS: the source wrote it without georeferencing; delete it and rerun the fetch")
             same_crs = CRS.from_user_input(src.crs) == CRS.from_user_input(g.crs)
             if same_crs and src.transform.almost_equals(g.transform, precision=1e-9) and (src.width, src.height) == (g.width, g.height):
-                out = src.read(window=Window(col, row, width, height), out_dtype="float64")
+                out = src.read(indexes=list(indexes) if indexes else None, window=Window(col, row, width, height),
+                               out_dtype="float64")
                 return _to_nan(out, nodata).astype("float32")
             xs = dst_tr.c + (np.arange(width) + 0.5) * dst_tr.a
             ys = dst_tr.f + (np.arange(height) + 0.5) * dst_tr.e
@@ -80,7 +84,7 @@ def warp_window(raw: str, grid: dict, row: int, col: int, height: int, width: in
             u = inv.a * gx + inv.b * gy + inv.c - 0.5  # source column, pixel centres at integers
             v = inv.d * gx + inv.e * gy + inv.f - 0.5
             inside = np.isfinite(u) & np.isfinite(v) & (u >= -0.5) & (u <= src.width - 0.5) & (v >= -0.5) & (v <= src.height - 0.5)
-            out = np.full((src.count, height, width), np.nan, np.float64)
+            out = np.full((len(indexes) if indexes else src.count, height, width), np.nan, np.float64)
             if not inside.any():
                 return out.astype("float32")
             i0 = np.floor(np.where(inside, u, 0)).astype(np.int64)
@@ -88,7 +92,8 @@ def warp_window(raw: str, grid: dict, row: int, col: int, height: int, width: in
             fu, fv = np.where(inside, u, 0) - i0, np.where(inside, v, 0) - j0
             c0, c1 = max(0, int(i0[inside].min())), min(src.width - 1, int(i0[inside].max()) + 1)
             r0, r1 = max(0, int(j0[inside].min())), min(src.height - 1, int(j0[inside].max()) + 1)
-            block = _to_nan(src.read(window=Window(c0, r0, c1 - c0 + 1, r1 - r0 + 1), out_dtype="float64"), nodata)
+            block = _to_nan(src.read(indexes=list(indexes) if indexes else None, window=Window(c0, r0, c1 - c0 + 1, r1 - r0 + 1),
+                                     out_dtype="float64"), nodata)
     except RasterioIOError as exc:
         raise CorruptRasterError(f"{raw} is truncated or corrupt ({str(exc).splitlines()[0]}): delete it and rerun the fetch") from None
     num = np.zeros_like(out)
@@ -117,12 +122,12 @@ def aligned_chunk(grid: Grid, chunk: int, n_bands: int) -> int:
     return max(block, math.ceil(chunk / block) * block)
 
 
-def lazy_stack(raw: Path, grid: Grid, n_bands: int, chunk: int) -> Any:
+def lazy_stack(raw: Path, grid: Grid, n_bands: int, chunk: int, indexes: tuple[int, ...] | None = None) -> Any:
     """The warped stack as a lazy :mod:`dask.array` ``[bands, H, W]`` chunked ``(bands, chunk, chunk)``."""
     import dask
     import dask.array as da
 
-    rows = [[da.from_delayed(dask.delayed(warp_window, pure=True)(str(raw), grid.to_dict(), r, c, h, w),
+    rows = [[da.from_delayed(dask.delayed(warp_window, pure=True)(str(raw), grid.to_dict(), r, c, h, w, indexes),
                              shape=(n_bands, h, w), dtype="float32")
              for (r, c, h, w) in pixel_windows(grid, chunk) if r == r0]
             for r0 in range(0, grid.height, chunk)]
@@ -179,7 +184,10 @@ def _computed_blocks(arr: Any, windows: list[tuple[int, int, int, int]], chunk: 
 def stack_modality(raw: Path, out: Path, grid: Grid, modality: str, months: Sequence[str], *,
                    chunk: int = DEFAULT_CHUNK, use_dask: bool = True, client: Any = None, threads: int = 1,
                    bands: Sequence[str] | None = None) -> Path:
-    """Warp one raw modality file onto ``grid``.
+    """Warp one raw modality file onto ``grid``, keeping the configured bands.
+
+    A raw file with more bands than configured (a source that fetches every band) is narrowed
+    to ``bands`` by its band descriptions.
 
     Args:
         raw: fetched GeoTIFF, bands time-major with contract descriptions.
@@ -197,36 +205,60 @@ def stack_modality(raw: Path, out: Path, grid: Grid, modality: str, months: Sequ
         ``out``.
 
     Raises:
-        GridMismatchError: if the raw file's bands do not match the contract.
+        GridMismatchError: if the raw file's bands do not match the contract (one line listing
+            the bands found and expected).
         CorruptRasterError: if the raw file cannot be read.
     """
     expected = band_descriptions(modality, months, bands)
     try:
         with rasterio.open(raw) as src:
-            if src.count != len(expected):
-                raise GridMismatchError(
-                    f"{raw} has {src.count} bands, expected {len(expected)} ({expected[0]} ... {expected[-1]}): "
-                    "the season or modality changed since it was fetched; delete the region's raw folder and rerun"
-                )
-            if all(src.descriptions) and list(src.descriptions) != expected:
-                raise GridMismatchError(
-                    f"{raw} band names {src.descriptions[:2]}... do not match {expected[:2]}...: "
-                    "delete the region's raw folder and rerun the fetch"
-                )
+            indexes = raw_band_indexes(raw, list(src.descriptions), src.count, expected, modality)
     except RasterioIOError as exc:
         raise CorruptRasterError(f"{raw} is truncated or corrupt ({str(exc).splitlines()[0]}): delete it and rerun the fetch") from None
     n = len(expected)
     chunk = aligned_chunk(grid, chunk, n)
     windows = pixel_windows(grid, chunk)
     if use_dask:
-        blocks = _computed_blocks(lazy_stack(raw, grid, n, chunk), windows, chunk, client, threads)
+        blocks = _computed_blocks(lazy_stack(raw, grid, n, chunk, indexes), windows, chunk, client, threads)
     else:
-        blocks = ((w, warp_window(str(raw), grid.to_dict(), *w)) for w in windows)
+        blocks = ((w, warp_window(str(raw), grid.to_dict(), *w, indexes)) for w in windows)
     with atomic_path(out) as tmp, rasterio.open(tmp, "w", **grid.profile(n)) as dst:
         dst.descriptions = tuple(expected)
         for (r, c, h, w), arr in tqdm(blocks, total=len(windows), desc=f"stack {modality}", unit="chunk", leave=False):
             dst.write(arr, window=Window(c, r, w, h))
     return out
+
+
+def raw_band_indexes(raw: Path, descriptions: Sequence[str | None], count: int, expected: Sequence[str],
+                     modality: str) -> tuple[int, ...] | None:
+    """The raw file's bands (1-based) that make the stack, or None for all of them, in order.
+
+    Raises:
+        GridMismatchError: the raw file lacks a band or month of ``expected`` (one line listing
+            the bands found and expected).
+    """
+    if list(descriptions) == list(expected):
+        return None
+    if not all(descriptions):
+        if count == len(expected):
+            return None
+        raise GridMismatchError(
+            f"{raw} has {count} bands, expected {len(expected)} ({expected[0]} ... {expected[-1]}): "
+            "the season or modality changed since it was fetched; delete the region's raw folder and rerun"
+        )
+    pos = {d: i + 1 for i, d in enumerate(descriptions)}
+    missing = [d for d in expected if d not in pos]
+    if missing:
+        found = sorted({str(d).rsplit("_", 1)[0] for d in descriptions}) if TEMPORAL[modality] else list(descriptions)
+        want = sorted({d.rsplit("_", 1)[0] for d in expected}) if TEMPORAL[modality] else list(expected)
+        span = (f", months {str(descriptions[0]).rsplit('_', 1)[-1]} .. {str(descriptions[-1]).rsplit('_', 1)[-1]}"
+                if TEMPORAL[modality] else "")
+        raise GridMismatchError(
+            f"{raw} lacks {len(missing)} of the {modality} bands and months asked for, e.g. {missing[0]} (found bands {found}"
+            f"{span}; expected {want}): "
+            "the bands, season or source changed since it was fetched; delete the region's raw folder and rerun"
+        )
+    return tuple(pos[d] for d in expected)
 
 
 def run(raw_dir: Path, out_dir: Path, grid: Grid, months: Sequence[str], modalities: Sequence[str], *,

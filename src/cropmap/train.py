@@ -26,7 +26,7 @@ import math
 import os
 import random
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -43,7 +43,7 @@ from cropmap.device import resolve_device
 from cropmap.grid import Grid
 from cropmap.io import atomic_path
 from cropmap.io import fingerprint as io_fingerprint
-from cropmap.modalities import n_channels
+from cropmap.modalities import channels_per_step, resolve_bands
 from cropmap.models import build_model
 from cropmap.normalize import Normalizer, fit_stats
 from cropmap.predict.bundle import save_bundle
@@ -259,6 +259,7 @@ class TrainSettings:
     strategy: str = "auto"
     num_workers: int = 0
     min_valid_fraction: float = 0.5
+    bands: dict[str, list[str]] = field(default_factory=dict)
 
     @classmethod
     def from_config(cls, config: dict, task: Task, months: list[str]) -> TrainSettings:
@@ -270,13 +271,19 @@ class TrainSettings:
             lr=t["lr"], pixels_per_class=t["pixels_per_class"], device=t["device"], precision=t["precision"],
             devices=t["devices"], strategy=t["strategy"], num_workers=t["num_workers"],
             min_valid_fraction=config["availability"]["min_valid_fraction"],
+            bands={m: list(b) for m, b in (config.get("bands") or {}).items()},
         )
+
+    def resolved_bands(self) -> dict[str, list[str]]:
+        """The bands of every modality of the model (configured ones, else every band)."""
+        full = resolve_bands(self.bands)
+        return {m: list(full[m]) for m in self.modalities}
 
     def model_kwargs(self) -> dict[str, Any]:
         """Arguments of :func:`cropmap.models.build_model` (without class weights)."""
         return {
             "method": self.method, "task": self.task, "modalities": self.modalities,
-            "in_channels": {m: n_channels(m) for m in self.modalities}, "n_steps": len(self.months),
+            "in_channels": channels_per_step(self.bands, self.modalities), "n_steps": len(self.months),
             "n_classes": n_classes(self.classes), "hidden": self.hidden, "encoders": self.encoders or None,
             **self.method_options,
         }
@@ -314,7 +321,7 @@ def chip_stats(ds: ChipDataset, n: int, seed: int) -> dict:
     rng = np.random.default_rng(seed)
     idx = rng.choice(len(ds), size=min(n, len(ds)), replace=False)
     items = [ds[int(i)] for i in idx]
-    return fit_stats({m: torch.stack([it[m] for it in items]).numpy() for m in ds.modalities}, "chips")
+    return fit_stats({m: torch.stack([it[m] for it in items]).numpy() for m in ds.modalities}, "chips", ds.channels)
 
 
 def chip_labels(ds: ChipDataset) -> np.ndarray:
@@ -342,19 +349,38 @@ def run(settings: TrainSettings, stack_dir: Path, labels_tif: Path, chips_parque
     if settings.task == "classification":
         samples = sample_pixels(stack_dir, labels_tif, chips[chips.split != "test"], grid, settings.months,
                                 settings.modalities, settings.pixels_per_class, settings.min_valid_fraction,
-                                settings.seed, splits=("train", "val"))
+                                settings.seed, splits=("train", "val"), bands=settings.bands)
         train_s, val_s = samples.subset(np.flatnonzero(samples.split == 0)), samples.subset(np.flatnonzero(samples.split == 1))
         return fit_pixels(settings, train_s, val_s, out_ckpt, work_dir, inputs=inputs, summary_json=summary_json)
     args = (stack_dir, labels_tif)
     tr = chips[(chips.split == "train") & (chips.n_labelled > 0)]
     va = chips[(chips.split == "val") & (chips.n_labelled > 0)]
-    train_ds = ChipDataset(*args, tr, grid, settings.months, settings.modalities, settings.min_valid_fraction)
-    val_ds = ChipDataset(*args, va, grid, settings.months, settings.modalities, settings.min_valid_fraction)
+    train_ds = ChipDataset(*args, tr, grid, settings.months, settings.modalities, settings.min_valid_fraction, settings.bands)
+    val_ds = ChipDataset(*args, va, grid, settings.months, settings.modalities, settings.min_valid_fraction, settings.bands)
     if len(tr) == 0 or len(va) == 0:
         raise ValueError(f"{labels_tif}: {len(tr)} training and {len(va)} validation chips with labels; enlarge the region or lower split.block_size")
     return fit(settings, train_ds, val_ds, chip_stats(train_ds, 256, settings.seed),
                balanced_weights(chip_labels(train_ds), n_classes(settings.classes)), out_ckpt, work_dir, inputs=inputs,
                summary_json=summary_json)
+
+
+def run_samples(settings: TrainSettings, samples_npz: Path, out_ckpt: Path, work_dir: Path,
+                summary_json: Path | None = None) -> dict[str, Any]:
+    """Train on a training set's samples (``samples.npz`` of the samples or fold stage).
+
+    The samples' months, bands, modalities and class table replace the settings' (they are what
+    the samples hold); up to ``pixels_per_class`` samples per class of the train and val splits
+    are used, as for a region's pixels. Same loop and bundle as :func:`run`.
+    """
+    from cropmap.samples import cap_per_class, read_samples
+
+    torch.set_num_threads(max(1, int(os.environ.get("CROPMAP_THREADS", torch.get_num_threads()))))
+    s = read_samples(samples_npz)
+    settings = replace(settings, task="classification", months=s.months, modalities=list(s.samples.modalities),
+                       bands=s.bands, classes=s.classes)
+    train_s = cap_per_class(s.part(0), settings.pixels_per_class, settings.seed)
+    val_s = cap_per_class(s.part(1), settings.pixels_per_class, settings.seed + 1)
+    return fit_pixels(settings, train_s, val_s, out_ckpt, work_dir, inputs=[samples_npz], summary_json=summary_json)
 
 
 def fit_pixels(settings: TrainSettings, train_s: PixelSamples, val_s: PixelSamples, out_ckpt: Path, work_dir: Path,
@@ -422,7 +448,7 @@ def fit(settings: TrainSettings, train_ds: Dataset, val_ds: Dataset, stats: dict
     save_bundle(out_ckpt, module.model, module.norm, model_kwargs=settings.model_kwargs(), classes=settings.classes,
                 modalities=settings.modalities, months=settings.months, task=settings.task,
                 min_valid_fraction=settings.min_valid_fraction, class_weights=module.hparams["class_weights"],
-                summary=summary)
+                summary=summary, bands=settings.resolved_bands())
     with atomic_path(summary_json or out_ckpt.parent / "train_summary.json") as tmp:
         tmp.write_text(json.dumps(summary, indent=2))
     log.info("rank %d of %d: wrote %s", rank, world, out_ckpt)

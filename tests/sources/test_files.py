@@ -269,6 +269,7 @@ def test_missing_file_and_empty_glob(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------------------
 def files_config(root: Path) -> dict:
     cfg = tiny_config(root)
+    cfg["regions"]["tiny"]["season"] = {"start": "2023-04", "end": "2023-05"}  # mol's model: the same months
     cfg["regions"]["mol"] = {"source": "files", "season": {"start": "2023-04", "end": "2023-05"}, "model_from": "tiny",
                              "files": {"s2": str(S2_NC), "s1": {"path": str(S1_NC), "scale": "compressed_db"}}}
     return validate(cfg)

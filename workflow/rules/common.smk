@@ -18,10 +18,13 @@ from cropmap.config import (
     dumps,
     gpu_count as gpus,
     has_labels,
+    is_training_set,
     model_region,
     pretrain_path,
+    region_files,
     region_grid,
     stage_params,
+    table_files,
     uses_pretraining,
     validate,
 )
@@ -41,6 +44,9 @@ DATA = config["data_dir"]
 RESULTS = config["results_dir"]
 MODELS = config["models_dir"]
 REGIONS = list(config["regions"])
+# Labelled sample tables (rule samples); they share the {region} wildcard and the data/,
+# models/ and results/ folders with the regions (the config keeps the names apart).
+TRAINING_SETS = list(config["training_sets"])
 TASK = config["model"]["task"]
 # How the stack stage parallelises (never what it computes) goes to the jobs through the
 # environment, not the rules' params, so pointing at another dask cluster reruns nothing.
@@ -72,24 +78,47 @@ def region_tiles(region):
     return tile_names(region_grid(config["regions"][region]), config["prediction"]["tile_size"])
 
 
+def task_of(name):
+    """The task of a region's or training set's model (training sets train pixel classifiers)."""
+    return "classification" if is_training_set(config, name) else TASK
+
+
 def model_of(wc):
-    """The model that maps a region: its own, or that of its model_from region."""
-    return f"{MODELS}/{model_region(config, wc.region)}/{TASK}/model.ckpt"
+    """The model that maps a region: its own, or that of its model_from region or training set."""
+    frm = model_region(config, wc.region)
+    return f"{MODELS}/{frm}/{task_of(frm)}/model.ckpt"
 
 
 def labelled_regions():
     return [r for r in REGIONS if has_labels(config, r)]
 
 
-def fold_inputs(wc):
-    """Labels and chips of one cross-validation fold: the labels stage's own split when
-    compare.folds is 1, else the fold's copy written by rule fold."""
-    if config["compare"]["folds"] == 1:
-        return {"labels": f"{DATA}/{wc.region}/labels.tif", "chips": f"{DATA}/{wc.region}/chips.parquet"}
+def training_data(wc):
+    """The inputs of the train rule. A region's model trains on its stacks, labels and chips,
+    a training set's on its samples."""
+    if is_training_set(config, wc.region):
+        return {"samples": f"{DATA}/{wc.region}/samples.npz"}
     return {
-        "labels": f"{DATA}/{wc.region}/folds/{wc.fold}/labels.tif",
-        "chips": f"{DATA}/{wc.region}/folds/{wc.fold}/chips.parquet",
+        "stack": f"{DATA}/{wc.region}/stack",
+        "labels": f"{DATA}/{wc.region}/labels.tif",
+        "chips": f"{DATA}/{wc.region}/chips.parquet",
     }
+
+
+def split_data(wc):
+    """The inputs of the fold rule. It re-splits a region's labels and chips or a training set's samples."""
+    return {k: v for k, v in training_data(wc).items() if k != "stack"}
+
+
+def fold_data(wc):
+    """Training data of one cross-validation fold. With compare.folds 1 it is the workflow's own
+    split, else the fold's copy that the fold rule writes (plus a region's stacks)."""
+    if config["compare"]["folds"] == 1:
+        return training_data(wc)
+    data = {"fold": f"{DATA}/{wc.region}/folds/{wc.fold}"}
+    if not is_training_set(config, wc.region):
+        data["stack"] = f"{DATA}/{wc.region}/stack"
+    return data
 
 
 def pretrained_input(method, region):
@@ -100,7 +129,8 @@ def pretrained_input(method, region):
 def report_files(region):
     """What the report shows of a region; the training summary (rule train's output) is that of
     the model that mapped it (model_from)."""
-    summary = expand(rules.train.output.summary, region=model_region(config, region), task=TASK)[0]
+    frm = model_region(config, region)
+    summary = expand(rules.train.output.summary, region=frm, task=task_of(frm))[0]
     labelled = has_labels(config, region)
     return {
         "map": f"{RESULTS}/{region}/map.tif",

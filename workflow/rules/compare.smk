@@ -1,11 +1,10 @@
 rule fold:
-    """Labels and chips of one fold of spatial cross-validation (compare.folds > 1)."""
+    """Labels and chips (a region) or samples (a training set) of one fold of spatial
+    cross-validation (compare.folds > 1)."""
     input:
-        labels=rules.labels.output.tif,
-        chips=rules.chips.output,
+        unpack(split_data),
     output:
-        labels=f"{DATA}/{{region}}/folds/{{fold}}/labels.tif",
-        chips=f"{DATA}/{{region}}/folds/{{fold}}/chips.parquet",
+        directory(f"{DATA}/{{region}}/folds/{{fold}}"),
     params:
         p=params_json("fold"),
     log:
@@ -17,14 +16,13 @@ rule fold:
         mem_mb=2000,
         runtime=10,
     shell:
-        "python -m cropmap fold --params {params.p:q} --labels {input.labels} --chips {input.chips}"
-        " --fold {wildcards.fold} --out-tif {output.labels} --out-chips {output.chips} > {log} 2>&1"
+        "python -m cropmap fold --params {params.p:q} --inputs {input:q} --fold {wildcards.fold} --out-dir {output:q}"
+        " > {log:q} 2>&1"
 
 
 use rule train as train_compare with:
     input:
-        unpack(fold_inputs),
-        stack=rules.stack.output,
+        unpack(fold_data),
         pretrained=lambda wc: pretrained_input(wc.method, wc.region),
     output:
         ckpt=f"{MODELS}/{{region}}/compare/fold{{fold}}/{{method}}/{{task}}/model.ckpt",
@@ -38,9 +36,8 @@ use rule train as train_compare with:
 
 use rule metrics as metrics_compare with:
     input:
-        unpack(fold_inputs),
+        unpack(fold_data),
         model=rules.train_compare.output.ckpt,
-        stack=rules.stack.output,
     output:
         metrics=f"{RESULTS}/compare/{{region}}/fold{{fold}}/{{method}}_{{task}}.csv",
         confusion=f"{RESULTS}/compare/{{region}}/fold{{fold}}/{{method}}_{{task}}_confusion.csv",

@@ -1,5 +1,8 @@
 rule fetch:
-    """Fetch every modality of a region from its source (synthetic, Earth Engine, STAC)."""
+    """Fetch every modality of a region from its source (synthetic, Earth Engine, STAC, files)."""
+    input:
+        # a files region's cubes: editing one reruns the fetch
+        lambda wc: region_files(config, wc.region),
     output:
         raw=directory(f"{DATA}/{{region}}/raw"),
         availability=f"{DATA}/{{region}}/availability.json",

@@ -6,6 +6,7 @@ rule mosaic:
     per-class probability COG when prediction.probabilities is set)."""
     input:
         tiles=lambda wc: expand(f"{RESULTS}/{wc.region}/tiles/{{tile}}.tif", tile=region_tiles(wc.region)),
+        model=model_of,
     output:
         map=f"{RESULTS}/{{region}}/map.tif",
         quicklook=report(
@@ -29,17 +30,17 @@ rule mosaic:
         mem_mb=2000,
         runtime=30,
     shell:
-        "python -m cropmap mosaic --params {params.p:q} --tiles {input.tiles} --out {output.map}"
-        " --quicklook {output.quicklook} --stac {output.stac} {params.proba} > {log} 2>&1"
+        "python -m cropmap mosaic --params {params.p:q} --tiles {input.tiles:q} --model {input.model:q} --out {output.map:q}"
+        " --quicklook {output.quicklook:q} --stac {output.stac:q} {params.proba} > {log:q} 2>&1"
 
 
 rule maps:
     """Target: every region's map, with metrics and area estimates for regions that have labels,
-    and results/report.html."""
+    the metrics of every training set, and results/report.html."""
     input:
         expand(f"{RESULTS}/{{region}}/map.tif", region=REGIONS),
         expand(f"{RESULTS}/{{region}}/quicklook.png", region=REGIONS),
-        expand(f"{RESULTS}/{{region}}/metrics.csv", region=labelled_regions()),
+        expand(f"{RESULTS}/{{region}}/metrics.csv", region=labelled_regions() + TRAINING_SETS),
         expand(f"{RESULTS}/{{region}}/area.csv", region=labelled_regions()),
         expand(f"{RESULTS}/{{region}}/expected_f1.tif", region=REGIONS),
         expand(f"{RESULTS}/{{region}}/coverage.json", region=REGIONS),

@@ -1,10 +1,9 @@
 rule metrics:
-    """Held-out metrics for every non-empty subset of modalities."""
+    """Held-out metrics for every non-empty subset of modalities (a region's test-split pixels or a
+    training set's test-split samples)."""
     input:
-        model=f"{MODELS}/{{region}}/{TASK}/model.ckpt",
-        stack=rules.stack.output,
-        labels=rules.labels.output.tif,
-        chips=rules.chips.output,
+        unpack(training_data),
+        model=lambda wc: f"{MODELS}/{wc.region}/{task_of(wc.region)}/model.ckpt",
     output:
         metrics=report(
             f"{RESULTS}/{{region}}/metrics.csv",
@@ -32,9 +31,8 @@ rule metrics:
         mem_mb=4000,
         runtime=60,
     shell:
-        "python -m cropmap metrics --params {params.p:q} --model {input.model} --stack-dir {input.stack}"
-        " --labels {input.labels} --chips {input.chips} --out {output.metrics} --confusion {output.confusion}"
-        " {params.tags} > {log} 2>&1"
+        "python -m cropmap metrics --params {params.p:q} --model {input.model:q} --inputs {input:q}"
+        " --out {output.metrics:q} --confusion {output.confusion:q} {params.tags} > {log:q} 2>&1"
 
 
 rule area:

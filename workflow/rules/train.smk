@@ -23,11 +23,9 @@ rule pretrain:
 
 
 rule train:
-    """Train a co-learning model of a region (GPU with bf16 autocast when present)."""
+    """Train a co-learning model of a region or training set (GPU with bf16 autocast when present)."""
     input:
-        stack=rules.stack.output,
-        labels=rules.labels.output.tif,
-        chips=rules.chips.output,
+        unpack(training_data),
         pretrained=lambda wc: pretrained_input(config["model"]["method"], wc.region),
     output:
         ckpt=f"{MODELS}/{{region}}/{{task}}/model.ckpt",
@@ -46,5 +44,4 @@ rule train:
         gpu=gpus(config["training"]),
     shell:
         "CROPMAP_THREADS={threads} python -m cropmap train --params {params.p:q} --task {wildcards.task}"
-        " --stack-dir {input.stack} --labels {input.labels} --chips {input.chips} --out {output.ckpt}"
-        " --summary {output.summary} --work-dir {params.work} > {log} 2>&1"
+        " --inputs {input:q} --out {output.ckpt:q} --summary {output.summary:q} --work-dir {params.work:q} > {log:q} 2>&1"

@@ -3,8 +3,10 @@
 Keys: ``state_dict`` (the model's weights under ``model.*`` and the normalisation buffers under
 ``norm.*``), ``model_kwargs`` (the :func:`cropmap.models.build_model` arguments), ``stats``
 (per-channel z-scores), ``classes``, ``modalities``, ``months``, ``task``,
-``min_valid_fraction``, ``class_weights``, ``summary`` (the training summary) and ``temporal``
-(per modality, whether it has a time axis). :func:`save_bundle` writes it (the ``train``
+``min_valid_fraction``, ``class_weights``, ``summary`` (the training summary), ``temporal``
+(per modality, whether it has a time axis) and ``bands`` (per modality, the bands of each time
+step; :func:`bundle_bands` reads it, also from bundles written before it existed).
+:func:`check_stacks` checks that a region's stacks are what the model was trained on. :func:`save_bundle` writes it (the ``train``
 stage), :func:`load_bundle` rebuilds the model from the factory without Lightning.
 """
 
@@ -18,7 +20,7 @@ import torch
 from torch import nn
 
 from cropmap.io import atomic_path
-from cropmap.modalities import TEMPORAL
+from cropmap.modalities import TEMPORAL, resolve_bands
 from cropmap.models import build_model
 from cropmap.normalize import Normalizer
 
@@ -26,7 +28,7 @@ from cropmap.normalize import Normalizer
 def save_bundle(out: Path, model: nn.Module, norm: Normalizer, *, model_kwargs: Mapping[str, Any],
                 classes: Sequence[dict], modalities: Sequence[str], months: Sequence[str], task: str,
                 min_valid_fraction: float, class_weights: Sequence[float] | None,
-                summary: Mapping[str, Any]) -> None:
+                summary: Mapping[str, Any], bands: Mapping[str, Sequence[str]] | None = None) -> None:
     """Write the ``model.ckpt`` bundle read by :func:`load_bundle` (atomic).
 
     Args:
@@ -41,6 +43,7 @@ def save_bundle(out: Path, model: nn.Module, norm: Normalizer, *, model_kwargs: 
         min_valid_fraction: the presence threshold the model was trained with.
         class_weights: the weights of the supervised loss, or None.
         summary: the training summary.
+        bands: the bands of each modality (default every band of :data:`cropmap.modalities.BANDS`).
     """
     state = {f"model.{k}": v for k, v in model.state_dict().items()}
     state |= {f"norm.{k}": v for k, v in norm.state_dict().items()}
@@ -50,6 +53,7 @@ def save_bundle(out: Path, model: nn.Module, norm: Normalizer, *, model_kwargs: 
         "task": task, "min_valid_fraction": min_valid_fraction,
         "class_weights": class_weights, "summary": dict(summary),
         "temporal": {m: TEMPORAL[m] for m in modalities},
+        "bands": {m: list(resolve_bands(bands)[m]) for m in modalities},
     }
     with atomic_path(out) as tmp:
         torch.save(bundle, tmp)
@@ -76,3 +80,57 @@ def load_bundle(path: Path, device: str | torch.device = "cpu") -> tuple[nn.Modu
     model.load_state_dict(parts["model"])
     norm.load_state_dict(parts["norm"])
     return model.eval().to(device), norm.eval().to(device), bundle
+
+
+def bundle_classes(path: Path) -> list[dict]:
+    """The class table stored in a ``model.ckpt`` (what the map's legend shows)."""
+    return list(torch.load(path, map_location="cpu", weights_only=False)["classes"])
+
+
+def bundle_bands(bundle: Mapping[str, Any]) -> dict[str, list[str]]:
+    """The bands of each modality of a bundle (every band for bundles written before ``bands``)."""
+    full = resolve_bands(None)
+    return {m: list(bundle.get("bands", {}).get(m) or full[m]) for m in bundle["modalities"]}
+
+
+def check_stacks(bundle: Mapping[str, Any], ckpt: Path, stacks: Mapping[str, Path], *, season_key: str = "the region's season") -> None:
+    """Stop when a region's stacks are not what the model was trained on.
+
+    Per stack of a modality the model uses: the bands of each month (the stack's band
+    descriptions) must be the model's, in order, and the months must align with the model's
+    month by month: the same number, starting in the same calendar month (January to January,
+    whatever the years).
+
+    Args:
+        bundle: the loaded ``model.ckpt`` bundle.
+        ckpt: its path (for messages).
+        stacks: ``{modality: stack file}`` of the region.
+        season_key: the config key of the region's season (for the fix).
+
+    Raises:
+        GridMismatchError: one line naming the stack, the model, the mismatch and the fix.
+    """
+    import rasterio
+
+    from cropmap.availability import channels_of
+    from cropmap.errors import GridMismatchError, InputDataError
+    from cropmap.grid import check_calendar_alignment
+
+    want = bundle_bands(bundle)
+    for m, path in stacks.items():
+        if m not in want:
+            continue
+        with rasterio.open(path) as src:
+            desc = [str(d or "") for d in src.descriptions]
+        c = channels_of(desc, m)
+        have = [d.rsplit("_", 1)[0] for d in desc[:c]] if TEMPORAL[m] else desc
+        if have != want[m]:
+            raise GridMismatchError(
+                f"{path}: {m} bands {have} per month, but the model {ckpt} was trained on {want[m]}; set bands.{m}: {want[m]} "
+                "in the config (the bands apply to every region and training set) and rerun, or retrain the model on these bands")
+        if TEMPORAL[m]:
+            months = [d.rsplit("_", 1)[-1] for d in desc[::c]]
+            try:
+                check_calendar_alignment(list(bundle["months"]), months, what=f"{path} and the model {ckpt}")
+            except InputDataError as exc:
+                raise GridMismatchError(f"{exc} (set {season_key} accordingly)") from None

@@ -83,7 +83,7 @@ def predict_chips(p: Predictor, stacks: dict[str, Path], tile: Window, size: int
         region = Window(min(cols), min(rows), c_end - min(cols), r_end - min(rows))
         rr, rc = int(region.row_off), int(region.col_off)
         arrays = read_region(info, region, unit, cache) if any_stack else {}
-        pres = presence_stack(arrays, p.modalities, p.min_valid_fraction, (int(region.height), int(region.width)))
+        pres = presence_stack(arrays, p.modalities, p.min_valid_fraction, (int(region.height), int(region.width)), p.channels)
         ch, cw = int(cell.height), int(cell.width)
         cr, cc = int(cell.row_off) - rr, int(cell.col_off) - rc
         tr, tc = int(cell.row_off) - tr0, int(cell.col_off) - tc0

@@ -66,7 +66,7 @@ def predict_pixels(p: Predictor, stacks: dict[str, Path], tile: Window, progress
     def produce(cell: Window, put: Callable[[Any], None]) -> None:
         arrays = read_unit(info, cell)
         ch, cw = int(cell.height), int(cell.width)
-        pres = presence_stack(arrays, p.modalities, p.min_valid_fraction, (ch, cw))
+        pres = presence_stack(arrays, p.modalities, p.min_valid_fraction, (ch, cw), p.channels)
         r0, c0 = int(cell.row_off - tile.row_off), int(cell.col_off - tile.col_off)
         pres_tile[:, r0 : r0 + ch, c0 : c0 + cw] = pres
         for sel, batch in pixel_batches(p, arrays, pres):

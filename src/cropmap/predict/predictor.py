@@ -55,6 +55,8 @@ class Predictor:
         self.task: str = self.bundle["task"]
         self.min_valid_fraction: float = self.bundle["min_valid_fraction"]
         self.n_classes: int = self.bundle["model_kwargs"]["n_classes"]
+        #: Channels per time step of each modality (the model's bands).
+        self.channels: dict[str, int] = {m: int(c) for m, c in self.bundle["model_kwargs"]["in_channels"].items()}
         self.batch_size = max(1, int(batch_size))
         if self.cuda:
             torch.backends.cudnn.benchmark = True

@@ -6,13 +6,15 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from cropmap.grid import Grid, tile_window
+from cropmap.predict.bundle import check_stacks
 from cropmap.predict.predictor import Predictor
 from cropmap.predict.tile import TileResult, write_tile
 
 
 def run(ckpt: Path, stack_dir: Path, grid: Grid, name: str, out: Path, *, tile_size: int, modalities: Sequence[str],
         chip_size: int = 32, overlap: float = 0.5, batch_size: int = 8192, device: str = "auto",
-        probabilities: bool = False, predictor: Predictor | None = None, threads: int | None = None) -> TileResult:
+        probabilities: bool = False, predictor: Predictor | None = None, threads: int | None = None,
+        season_key: str = "the region's season") -> TileResult:
     """Predict tile ``name`` (:func:`cropmap.grid.tiles`) and write it to ``out``.
 
     Args:
@@ -25,9 +27,15 @@ def run(ckpt: Path, stack_dir: Path, grid: Grid, name: str, out: Path, *, tile_s
             config block (``chip_size`` is ``chips.size``).
         predictor: reuse a loaded model (else one is loaded from ``ckpt``).
         threads: CPU model threads (:class:`Predictor`).
+        season_key: the config key of the region's season, for the message when the stacks'
+            months do not align with the model's (:func:`cropmap.predict.bundle.check_stacks`).
+
+    Raises:
+        GridMismatchError: the stacks' bands or months are not the model's (one line).
     """
     predictor = predictor or Predictor(ckpt, device, batch_size, threads=threads)
     stacks = {m: stack_dir / f"{m}.tif" for m in modalities if (stack_dir / f"{m}.tif").exists()}
+    check_stacks(predictor.bundle, ckpt, stacks, season_key=season_key)
     window = tile_window(grid, name, tile_size)
     res = predictor.predict_tile(stacks, window, chip_size, overlap, progress=True)
     write_tile(res, out, grid, window, probabilities)

@@ -18,20 +18,26 @@ per month, elevation in m, slope in degrees; invalid values are NaN. Presence ma
 ``min_valid_fraction`` of its months have every channel finite; DEM when both bands are finite).
 
 Splits are spatial: samples are grouped by ``cell_deg`` x ``cell_deg`` lat/lon cells and whole
-cells are assigned to train / val / test with a seeded stratified group k-fold, so no cell (and
+cells are dealt into train / val / test by the workflow's splitter
+(:func:`cropmap.splits.group_splits`, the same rule as a region's split blocks), so no cell (and
 no field sampled several times) is in two splits.
 
-:func:`compare_table` then trains every method on the same splits and seed and scores each on
-every non-empty subset of modalities (the protocol of Mena, Ienco, Dantas & Interdonato 2025,
-Table 1).
+In the workflow, ``training_sets`` in the config name tables (:mod:`cropmap.tables.training`
+reads them; the ``samples`` stage writes their samples), and ``snakemake compare`` runs the
+missing-sensor protocol on them (``benchmarks/compare_table.py`` wraps that for one table).
 
 Modules: ``common`` (class names and colours, presence masks, spatial splits), ``worldcereal``
 (wide), ``worldcereal_long``, ``generic`` (cropmap's own band naming, season alignment),
-``cropharvest``, ``comparison``; the names below are re-exported here.
+``cropharvest``, ``training`` (a training set's tables); the names below are re-exported here.
 """
 
-from cropmap.tables.common import location_groups, months_from, presence_mask, spatial_split
-from cropmap.tables.comparison import class_counts, compare_table
+from cropmap.tables.common import (
+    class_counts,
+    location_groups,
+    months_from,
+    presence_mask,
+    spatial_split,
+)
 from cropmap.tables.cropharvest import (
     CROPHARVEST_ORDER,
     DAYS_PER_MONTH,
@@ -52,7 +58,6 @@ __all__ = [
     "CROPHARVEST_ORDER",
     "DAYS_PER_MONTH",
     "class_counts",
-    "compare_table",
     "decode_export",
     "decode_worldcereal",
     "ewoc_classes",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import warnings
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -12,6 +11,7 @@ import pandas as pd
 from cropmap.availability import present
 from cropmap.datasets import PixelSamples
 from cropmap.modalities import MODALITIES, TEMPORAL
+from cropmap.splits import group_counts, group_splits
 
 #: Colours of common class names; others take the tab20 palette in order.
 COLOURS: dict[str, str] = {
@@ -64,37 +64,21 @@ def location_groups(lat: np.ndarray, lon: np.ndarray, cell_deg: float) -> np.nda
 
 def spatial_split(y: np.ndarray, groups: np.ndarray, seed: int,
                   fractions: tuple[float, float, float] = (0.7, 0.15, 0.15), fold: int | None = None) -> np.ndarray:
-    """Seeded group split (0 train, 1 val, 2 test); every group lies wholly in one split.
+    """Seeded split of samples (0 train, 1 val, 2 test) by their location groups: the workflow's
+    splitter, :func:`cropmap.splits.group_splits`, on the groups' class counts.
 
-    Groups are dealt into ``k = round(1 / test_fraction)`` folds with scikit-learn's
-    ``StratifiedGroupKFold`` (class proportions kept as far as whole groups allow). Fold
-    ``fold`` (default ``seed % k``) is the test split, the next ``round(val_fraction * k)`` folds
-    (cyclically) the validation split, the rest train. The fold rotation matters: the
-    stratified dealing itself hardly depends on the seed (its shuffle only breaks ties), so
-    different seeds give different test regions through ``seed % k``; ``fold = 0 .. k-1`` gives
-    a spatial k-fold cross-validation. Unlabelled samples (``y < 0``) follow their group.
+    The groups are dealt into ``k = round(1 / test_fraction)`` folds (7 for the default shares)
+    with class proportions kept as far as whole groups allow; fold ``fold`` (default ``seed % k``)
+    is the test split, so ``fold = 0 .. k-1`` is a spatial k-fold cross-validation. Of the other
+    groups the share ``val / (train + val)`` validates (dealt the same way), the rest trains.
+    Unlabelled samples (``y < 0``) follow their group.
     """
-    from sklearn.model_selection import StratifiedGroupKFold
-
-    _, _, f_test = fractions
-    k = max(3, round(1 / f_test))
-    n_val = max(1, round(fractions[1] * k))
-    n_groups = len(np.unique(groups))
-    if n_groups < k:
-        raise ValueError(f"{n_groups} location groups for a {k}-fold spatial split: use a smaller cell_deg")
-    strat = np.where(y >= 0, y, y.max() + 1)
-    folds = np.empty(len(y), dtype=np.int64)
-    cv = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
-    with warnings.catch_warnings():  # "least populated class has only n members": expected for rare classes
-        warnings.simplefilter("ignore", UserWarning)
-        for i, (_, test_idx) in enumerate(cv.split(np.zeros(len(y)), strat, groups)):
-            folds[test_idx] = i
-    test = (seed if fold is None else fold) % k
-    rel = (folds - test) % k
-    split = np.zeros(len(y), dtype=np.uint8)
-    split[(rel >= 1) & (rel <= n_val)] = 1
-    split[rel == 0] = 2
-    return split
+    fr = dict(zip(("train", "val", "test"), fractions, strict=True))
+    ids = np.unique(np.asarray(groups), return_inverse=True)[1].ravel()
+    k = max(3, round(sum(fractions) / fractions[2]))
+    per_group = group_splits(group_counts(np.asarray(y), ids), seed=seed, fractions=fr, folds=1 if fold is None else k,
+                             fold=0 if fold is None else fold % k, what="location groups", fix="use a smaller cell_deg")
+    return per_group[ids]
 
 
 def samples_from(x: dict[str, np.ndarray], y: np.ndarray, split: np.ndarray, min_valid_fraction: float) -> PixelSamples:
@@ -108,3 +92,14 @@ def months_from(start: str, n: int) -> list[str]:
     """``n`` month labels ``YYYY-MM`` from ``start`` (``YYYY-MM`` or ``YYYY-MM-DD``)."""
     p = pd.Period(str(start)[:7], freq="M")
     return [str(p + i) for i in range(n)]
+
+
+def class_counts(samples: PixelSamples, classes: Sequence[Mapping]) -> pd.DataFrame:
+    """Samples per class and split (``train``/``val``/``test``/``total``)."""
+    rows = []
+    for c in classes:
+        sel = samples.y == c["id"]
+        rows.append({"id": c["id"], "name": c["name"],
+                     **{s: int((sel & (samples.split == i)).sum()) for i, s in enumerate(("train", "val", "test"))},
+                     "total": int(sel.sum())})
+    return pd.DataFrame(rows)

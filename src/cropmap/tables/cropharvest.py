@@ -82,7 +82,7 @@ def decode_export(path: str | Path, precip_unit: str = "m/day") -> dict[str, np.
     return out
 
 
-def _read_arrays(path: Path) -> dict[str, Any]:
+def read_arrays(path: Path) -> dict[str, Any]:
     if path.suffix in (".h5", ".hdf5"):
         import h5py
 
@@ -114,7 +114,7 @@ def load_cropharvest(path: str | Path, *, seed: int = 42, cell_deg: float = 0.1,
         x = decode_export(path, precip_unit)
         n = len(x["dem"])
         return samples_from(x, np.full(n, IGNORE_INDEX), np.full(n, 2), min_valid_fraction), []
-    d = _read_arrays(path)
+    d = read_arrays(path)
     if "X" not in d or "y" not in d:
         raise ValueError(f"{path}: needs arrays 'X' [N, T, 18] and 'y' [N]; found {sorted(d)}")
     x = from_cropharvest_array(d["X"], s2_scale, precip_unit)

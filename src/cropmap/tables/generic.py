@@ -31,10 +31,10 @@ import numpy as np
 import pandas as pd
 
 from cropmap.datasets import IGNORE_INDEX, PixelSamples
-from cropmap.errors import InputDataError, LabelError, UnknownNameError
-from cropmap.grid import season_months
+from cropmap.errors import InputDataError, LabelError
+from cropmap.grid import check_calendar_alignment, season_months
 from cropmap.labels import code_table
-from cropmap.modalities import BANDS, MODALITIES, TEMPORAL
+from cropmap.modalities import MODALITIES, TEMPORAL, resolve_bands
 from cropmap.tables.common import colour_for, location_groups, presence_mask, slug, spatial_split
 from cropmap.tables.worldcereal import ewoc_classes
 
@@ -51,24 +51,6 @@ UnknownCodes = Literal["error", "ignore"]
 # --------------------------------------------------------------------------------------------
 # Bands, months and seasons
 # --------------------------------------------------------------------------------------------
-def resolve_bands(bands: Mapping[str, Sequence[str]] | None) -> dict[str, tuple[str, ...]]:
-    """Band list per modality: ``bands`` where given, every band of :data:`BANDS` otherwise.
-
-    Raises:
-        UnknownNameError: a modality or band that cropmap does not know (the message lists the valid ones).
-    """
-    out: dict[str, tuple[str, ...]] = {m: BANDS[m] for m in MODALITIES}
-    for m, bs in (bands or {}).items():
-        if m not in BANDS:
-            raise UnknownNameError(f"bands: unknown modality {m!r}; use some of {list(BANDS)}")
-        wrong = [b for b in bs if b not in BANDS[m]]
-        if wrong or not bs:
-            raise UnknownNameError(f"bands.{m}: {wrong or 'an empty list'} is not a subset of the {m} bands {list(BANDS[m])}; "
-                                   "list some of those (in any order)")
-        out[m] = tuple(bs)
-    return out
-
-
 def month_range(labels: Sequence[str]) -> list[str]:
     """Every month from the earliest to the latest of ``labels`` (``YYYY-MM``), gaps included."""
     if not labels:
@@ -106,27 +88,6 @@ def select_season(months: Sequence[str], season: tuple[str, str] | Sequence[str]
             "or extract the table over the whole season"
         )
     return [pos[m] for m in wanted]
-
-
-def check_calendar_alignment(train_months: Sequence[str], region_months: Sequence[str], *, what: str) -> None:
-    """Check that a region's season maps month by month onto a training season.
-
-    A model learned on ``train_months`` reads a region's ``region_months`` step by step: the two
-    must have the same length and start in the same calendar month (January to January, whatever
-    the years).
-
-    Raises:
-        InputDataError: naming ``what`` (e.g. the region and the training set), both seasons and the fix.
-    """
-    same_len = len(train_months) == len(region_months)
-    same_start = bool(train_months) and bool(region_months) and train_months[0][5:7] == region_months[0][5:7]
-    if not (same_len and same_start):
-        raise InputDataError(
-            f"{what}: the season {region_months[0] if region_months else '?'} .. {region_months[-1] if region_months else '?'} "
-            f"({len(region_months)} months) does not align month by month with the training season "
-            f"{train_months[0] if train_months else '?'} .. {train_months[-1] if train_months else '?'} ({len(train_months)} months); "
-            "give both seasons the same length and the same first calendar month"
-        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -197,7 +158,7 @@ def table_classes(codes: Sequence[object] | np.ndarray, *, table: str | Path, cl
     if missing and unknown == "error":
         raise LabelError(
             f"{table}: {len(missing)} label value(s) that no class lists, e.g. {missing[:5]}; add them to a class's codes "
-            "in config.yaml (classes[].codes) or leave them unlabelled (unknown codes 'ignore')"
+            "in config.yaml (classes[].codes) or leave them out (the training set's unknown_codes: ignore)"
         )
     if missing:
         log.info("%s: %d samples with values no class lists (e.g. %s) are left unlabelled", table, int((y < 0).sum()), missing[:3])
@@ -252,7 +213,7 @@ def read_table(path: str | Path) -> pd.DataFrame:
     return pd.read_parquet(path)
 
 
-def _coords(df: pd.DataFrame, path: Path) -> tuple[np.ndarray, np.ndarray]:
+def point_coords(df: pd.DataFrame, path: Path) -> tuple[np.ndarray, np.ndarray]:
     for la, lo in (("lat", "lon"), ("latitude", "longitude")):
         if la in df.columns and lo in df.columns:
             return df[la].to_numpy(np.float64), df[lo].to_numpy(np.float64)
@@ -339,7 +300,7 @@ def load_point_table(path: str | Path, *, label: str = "label", season: tuple[st
     df = read_table(path)
     if label not in df.columns:
         raise InputDataError(f"{path}: no label column {label!r} (columns: {list(df.columns)[:8]}...); name the column holding the classes")
-    lat, lon = _coords(df, path)
+    lat, lon = point_coords(df, path)
     x, months = decode_point_table(df, table=path, bands=bands)
     if season is not None:
         idx = select_season(months, season, table=path)

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from cropmap.datasets import IGNORE_INDEX, PixelSamples
-from cropmap.modalities import BANDS, n_channels
+from cropmap.errors import InputDataError
+from cropmap.modalities import BANDS, resolve_bands
 from cropmap.tables.common import (
     colour_for,
     location_groups,
@@ -56,14 +57,19 @@ def _wc_raw(df: pd.DataFrame, col: str | None, n: int) -> np.ndarray:
     return v
 
 
-def decode_worldcereal(df: pd.DataFrame) -> tuple[dict[str, np.ndarray], int]:
-    """Wide WorldCereal columns -> ``{m: [N, T, C]}`` (``dem [N, 2]``) in cropmap units.
+def decode_worldcereal(df: pd.DataFrame, bands: Mapping[str, Sequence[str]] | None = None, *,
+                       table: str | Path = "the table") -> tuple[dict[str, np.ndarray], int]:
+    """Wide WorldCereal columns -> ``{m: [N, T, C]}`` (``dem [N, C]``) in cropmap units.
+
+    ``bands`` (``{modality: bands}``, default every band of :data:`BANDS`) reads a band subset;
+    ``table`` names the table in messages.
 
     Conversions (nodata 65535 -> NaN first):
 
     * S2 ``OPTICAL-Bxx`` (L2A DN): reflectance = DN / 10000. ``B8A`` absent from a table is
       filled with ``B08`` (narrow vs broad NIR, nearly identical over vegetation) with a
-      warning, so S2 is not marked missing for every sample; any other missing band is an error.
+      warning, so S2 is not marked missing for every sample; any other missing band is an error
+      (one line listing the bands found and expected).
     * S1 ``SAR-VV/VH`` (uint16 compressed): dB = 20 * log10(DN) - 83; DN 0 is NaN.
     * ``METEO-temperature_mean`` (AgERA5 daily mean, monthly mean, K x 100): K = DN / 100.
     * ``METEO-precipitation_flux`` (AgERA5, monthly sum in mm x 100): m per month = DN / 100 / 1000
@@ -74,21 +80,25 @@ def decode_worldcereal(df: pd.DataFrame) -> tuple[dict[str, np.ndarray], int]:
         The arrays and the number of time steps ``T``.
     """
     n = len(df)
+    want = resolve_bands(bands)
     steps = _ts_columns(df, "OPTICAL-B02") or _ts_columns(df, "SAR-VV") or _ts_columns(df, "METEO-temperature_mean")
     if not steps:
-        raise ValueError("no OPTICAL-B02-ts*/SAR-VV-ts*/METEO-temperature_mean-ts* columns: is it a WorldCereal extraction table?")
+        raise InputDataError(f"{table}: no OPTICAL-B02-ts*/SAR-VV-ts*/METEO-temperature_mean-ts* columns; is it a WorldCereal "
+                             "extraction in the wide layout? (the long layout is format worldcereal_long)")
     t_n = max(steps) + 1
     x: dict[str, np.ndarray] = {}
     for m, cols in WC_COLUMNS.items():
-        arr = np.full((n, t_n, n_channels(m)), np.nan)
-        for ci, band in enumerate(BANDS[m]):
+        arr = np.full((n, t_n, len(want[m])), np.nan)
+        found_bands = [b for b in BANDS[m] if _ts_columns(df, cols[b])]
+        for ci, band in enumerate(want[m]):
             found = _ts_columns(df, cols[band])
             if not found:
                 if band == "B8A" and _ts_columns(df, cols["B08"]):
                     log.warning("no OPTICAL-B8A columns: B8A is filled with B08")
                     found = _ts_columns(df, cols["B08"])
                 else:
-                    raise ValueError(f"no {cols[band]}-ts* columns in the table (needed for {m} band {band})")
+                    raise InputDataError(f"{table}: no {cols[band]}-ts* columns for {m} band {band} (found {m} bands {found_bands}, "
+                                         f"expected {list(want[m])}); re-extract with that band or narrow the bands to those the table has")
             for t in range(t_n):
                 arr[:, t, ci] = _wc_raw(df, found.get(t), n)
         if m == "s2":
@@ -97,13 +107,14 @@ def decode_worldcereal(df: pd.DataFrame) -> tuple[dict[str, np.ndarray], int]:
             with np.errstate(divide="ignore", invalid="ignore"):
                 arr = np.where(arr > 0, 20.0 * np.log10(arr) - 83.0, np.nan)
         else:
-            arr[..., 0] = arr[..., 0] / 100.0  # K
-            arr[..., 1] = arr[..., 1] / 100.0 / 1000.0  # mm x 100 per month -> m per month
+            for ci, band in enumerate(want[m]):  # K x 100 -> K; mm x 100 per month -> m per month
+                arr[..., ci] = arr[..., ci] / 100.0 if band == "temperature_2m" else arr[..., ci] / 100.0 / 1000.0
         x[m] = arr.astype(np.float32)
-    missing = [c for c in WC_STATIC.values() if c not in df.columns]
+    missing = [WC_STATIC[b] for b in want["dem"] if WC_STATIC[b] not in df.columns]
     if missing:
-        raise ValueError(f"columns {missing} missing from the table")
-    x["dem"] = np.stack([_wc_raw(df, WC_STATIC[b], n) for b in BANDS["dem"]], axis=1).astype(np.float32)
+        raise InputDataError(f"{table}: columns {missing} missing (found {[c for c in WC_STATIC.values() if c in df.columns]}, "
+                             f"expected {[WC_STATIC[b] for b in want['dem']]}); re-extract with them or narrow bands.dem")
+    x["dem"] = np.stack([_wc_raw(df, WC_STATIC[b], n) for b in want["dem"]], axis=1).astype(np.float32)
     return x, t_n
 
 
