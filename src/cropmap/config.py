@@ -40,7 +40,9 @@ def _with_defaults(cls: Any) -> Any:
                     instance[name] = copy.deepcopy(sub["default"])
         yield from validate_props(validator, properties, instance, schema)
 
-    return jsonschema.validators.extend(cls, {"properties": set_defaults})
+    # an integer key takes integers only (JSON schema also accepts 2.0, which breaks range())
+    integers = cls.TYPE_CHECKER.redefine("integer", lambda _checker, x: isinstance(x, int) and not isinstance(x, bool))
+    return jsonschema.validators.extend(cls, {"properties": set_defaults}, type_checker=integers)
 
 
 def _key_path(err: jsonschema.ValidationError) -> str:
@@ -113,6 +115,9 @@ def validate(config: dict, schema: dict | None = None) -> dict:
             )
         raise ConfigError(_one_line(err))
     _check_semantics(config)
+    from cropmap import config_checks
+
+    config_checks.check(config)
     return config
 
 
@@ -145,13 +150,6 @@ def _check_semantics(config: dict) -> None:
                 region_grid(region)
             except InputDataError as exc:
                 raise ConfigError(f"config key {key}.files: {exc}") from None
-        if region.get("bbox") is not None:
-            lon0, lat0, lon1, lat1 = region["bbox"]
-            if lon1 <= lon0 or lat1 <= lat0:
-                try:
-                    Grid.from_bbox(region["bbox"])
-                except ConfigError as exc:
-                    raise ConfigError(f"config key {key}.bbox: {exc}") from None
         try:
             season_months(region["season"]["start"], region["season"]["end"])
         except ConfigError as exc:
@@ -186,9 +184,21 @@ def region_source(region: dict, modality: str) -> str:
 
 
 def load(path: str | Path) -> dict:
-    """Read and validate a YAML config file."""
-    with open(path) as fh:
-        config = yaml.safe_load(fh) or {}
+    """Read and validate a YAML config file.
+
+    Raises:
+        ConfigError: the file is missing or not YAML (one line with the place), or a key is invalid.
+    """
+    try:
+        with open(path) as fh:
+            config = yaml.safe_load(fh) or {}
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the config ({exc.strerror or exc}); give the path of a YAML file") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else "somewhere"
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{path}: not valid YAML at {where} ({problem}); fix the indentation or quoting there") from None
     if not isinstance(config, dict):
         raise ConfigError(f"{path}: the config must be a mapping of keys (regions, classes, ...)")
     return validate(config)
@@ -260,6 +270,11 @@ def stage_params(config: dict, stage: str, region: str, method: str | None = Non
     if stage == "train":
         p = base | copy.deepcopy({k: config[k] for k in ("model", "training", "classes", "availability", "seed")})
         if method is not None:  # a run of the comparison protocol
+            if method != p["model"]["method"]:  # the options of model.method that this method takes
+                from cropmap.config_checks import method_options
+
+                takes = method_options(method)
+                p["model"]["options"] = {k: v for k, v in p["model"]["options"].items() if k in takes}
             p["model"]["method"] = method
             if config["compare"]["epochs"]:
                 p["training"]["epochs"] = config["compare"]["epochs"]

@@ -28,12 +28,13 @@ import torch
 from torch.utils.data import Dataset
 from torchgeo.datasets import RasterDataset
 from torchgeo.samplers import GridGeoSampler
-from tqdm import tqdm
 
 from cropmap.availability import presence_stack
+from cropmap.errors import LabelError
 from cropmap.grid import Grid
 from cropmap.labels import NODATA, SPLITS
 from cropmap.modalities import TEMPORAL, band_descriptions, n_channels
+from cropmap.progress import progress
 
 #: Label of pixels without a class in samples and chips (the loss ignores it).
 IGNORE_INDEX = -100
@@ -198,7 +199,7 @@ def sample_pixels(stack_dir: Path, labels_tif: Path, chips: pd.DataFrame, grid: 
     xs: dict[str, list[np.ndarray]] = {m: [] for m in modalities}
     masks, ys, sps = [], [], []
     labels_ds = LabelRaster(labels_tif)
-    for r in tqdm(chips.itertuples(), total=len(chips), desc="pixels", unit="chip"):
+    for r in progress(chips.itertuples(), "pixels", "chip", total=len(chips)):
         window = chosen[r.row : r.row + r.size, r.col : r.col + r.size]
         if not window.any():
             continue
@@ -218,7 +219,7 @@ def sample_pixels(stack_dir: Path, labels_tif: Path, chips: pd.DataFrame, grid: 
         ys.append(lab[0][sel].astype(np.int64))
         sps.append(lab[1][sel].astype(np.uint8))
     if not ys:
-        raise ValueError(f"{labels_tif}: no labelled pixel found in the chips; check the labels cover the region")
+        raise LabelError(f"{labels_tif}: no labelled pixel found in the chips; check the labels cover the region")
     return PixelSamples({m: np.concatenate(v).astype(np.float32) for m, v in xs.items()},
                         np.concatenate(masks), np.concatenate(ys), np.concatenate(sps), list(modalities))
 

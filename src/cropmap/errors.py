@@ -39,3 +39,10 @@ class InputDataError(CropmapError, ValueError):
 
     The one-line message names the file, what was found versus expected, and the fix.
     """
+
+
+class MissingParamError(ConfigError, KeyError):
+    """``cropmap <stage> --params`` lacks a key or is not a JSON object (a stage run by hand)."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; keep it readable.
+        return str(self.args[0]) if self.args else ""

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import rasterio
 
-from cropmap.errors import LabelError
+from cropmap.errors import ConfigError, LabelError
 from cropmap.grid import Grid
 from cropmap.io import atomic_path
 from cropmap.labels import SPLITS, block_shape, block_splits, expand_blocks, split_counts
@@ -44,7 +44,7 @@ def fold_splits(grid: Grid, block_size: int, fractions: dict[str, float], seed: 
     if folds == 1:
         return block_splits(grid, block_size, fractions, seed)
     if not 0 <= fold < folds:
-        raise ValueError(f"fold {fold} is not in 0..{folds - 1}")
+        raise ConfigError(f"--fold {fold} is not in 0..{folds - 1} (compare.folds {folds}); give one of them")
     nby, nbx = block_shape(grid, block_size)
     ok = np.ones(nby * nbx, dtype=bool) if usable is None else np.asarray(usable, dtype=bool).reshape(-1)
     cand = np.flatnonzero(ok)

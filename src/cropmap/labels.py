@@ -143,28 +143,36 @@ def run(
     """
     fractions = fractions or {"train": 0.7, "val": 0.15, "test": 0.15}
     gdf = read_labels(vector, column, classes, grid, layer)
+    if not len(gdf):
+        raise LabelError(f"{vector}: no fields with a geometry{f' in layer {layer!r}' if layer else ''}; "
+                         "give a label file (or labels.layer) that holds the region's fields")
     cls = rasterize(
         ((g, int(c)) for g, c in zip(gdf.geometry, gdf["class_id"], strict=True)),
         out_shape=grid.shape, transform=grid.transform, fill=NODATA, dtype="uint8",
-    ) if len(gdf) else np.full(grid.shape, NODATA, np.uint8)
+    )
     split = split_raster(grid, block_size, fractions, seed)
-    prof = grid.profile(2, dtype="uint8", nodata=NODATA)
-    with atomic_path(out_tif) as tmp, rasterio.open(tmp, "w", **prof) as dst:
-        dst.write(cls, 1)
-        dst.write(split, 2)
-        dst.descriptions = ("class", "split")
-        dst.write_colormap(1, colormap(classes))
-        dst.update_tags(1, **{f"class_{c['id']}": c["name"] for c in classes})
-        dst.update_tags(2, split_values="0=train,1=val,2=test")
+    counts = split_counts(cls, split)
+    log.info("labelled pixels per split: %s", counts)
+    if not any(counts.values()):
+        raise LabelError(f"{vector}: none of its {len(gdf)} fields covers a pixel of the region's grid "
+                         f"({grid.crs}, bounds {tuple(round(v) for v in grid.bounds)}); check the file covers the "
+                         "region's bbox and carries the right CRS")
+    if counts["train"] == 0:
+        raise LabelError(f"{vector}: no labelled pixel falls in the training split of this region; check the file covers the bbox")
     # split of each polygon: the block of its representative point
     pts = gdf.geometry.representative_point()
     col = ((pts.x - grid.xmin) // grid.res).clip(0, grid.width - 1).astype(int)
     row = ((grid.ymax - pts.y) // grid.res).clip(0, grid.height - 1).astype(int)
     gdf = gdf.assign(split=[SPLITS[split[r, c]] for r, c in zip(row, col, strict=True)])
-    with atomic_path(out_gpkg) as tmp:
-        gdf.to_file(tmp, driver="GPKG", layer="labels")
-    counts = split_counts(cls, split)
-    log.info("labelled pixels per split: %s", counts)
-    if counts["train"] == 0:
-        raise LabelError(f"{vector}: no labelled pixel falls in the training split of this region; check the file covers the bbox")
+    prof = grid.profile(2, dtype="uint8", nodata=NODATA)
+    # both files are written only once everything is known to be fine, each atomically
+    with atomic_path(out_tif) as tmp_tif, atomic_path(out_gpkg) as tmp_gpkg:
+        with rasterio.open(tmp_tif, "w", **prof) as dst:
+            dst.write(cls, 1)
+            dst.write(split, 2)
+            dst.descriptions = ("class", "split")
+            dst.write_colormap(1, colormap(classes))
+            dst.update_tags(1, **{f"class_{c['id']}": c["name"] for c in classes})
+            dst.update_tags(2, split_values="0=train,1=val,2=test")
+        gdf.to_file(tmp_gpkg, driver="GPKG", layer="labels")
     return counts

@@ -30,12 +30,12 @@ from affine import Affine
 from pyproj import CRS, Transformer
 from rasterio.errors import RasterioIOError
 from rasterio.windows import Window
-from tqdm import tqdm
 
 from cropmap.errors import ConfigError, CorruptRasterError, GridMismatchError
 from cropmap.grid import Grid, pixel_windows
 from cropmap.io import atomic_path
 from cropmap.modalities import band_descriptions
+from cropmap.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -224,7 +224,7 @@ def stack_modality(raw: Path, out: Path, grid: Grid, modality: str, months: Sequ
         blocks = ((w, warp_window(str(raw), grid.to_dict(), *w)) for w in windows)
     with atomic_path(out) as tmp, rasterio.open(tmp, "w", **grid.profile(n)) as dst:
         dst.descriptions = tuple(expected)
-        for (r, c, h, w), arr in tqdm(blocks, total=len(windows), desc=f"stack {modality}", unit="chunk", leave=False):
+        for (r, c, h, w), arr in progress(blocks, f"stack {modality}", "chunk", total=len(windows)):
             dst.write(arr, window=Window(c, r, w, h))
     return out
 

@@ -10,6 +10,7 @@ stage), :func:`load_bundle` rebuilds the model from the factory without Lightnin
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from cropmap.errors import InputDataError
 from cropmap.io import atomic_path
 from cropmap.modalities import TEMPORAL
 from cropmap.models import build_model
@@ -62,7 +64,13 @@ def load_bundle(path: Path, device: str | torch.device = "cpu") -> tuple[nn.Modu
         ``(model, normaliser, bundle)``; ``bundle`` is the whole dictionary (see the module
         docstring).
     """
-    bundle = torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        bundle = torch.load(path, map_location="cpu", weights_only=False)
+        if not isinstance(bundle, dict) or not {"model_kwargs", "state_dict", "stats"} <= set(bundle):
+            raise ValueError("not a cropmap model bundle")
+    except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError, AttributeError, ImportError) as exc:
+        raise InputDataError(f"{path} is not a readable cropmap model ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}): "
+                                 "delete it and rerun snakemake so the train stage writes it again") from None
     weights = bundle["class_weights"]
     model = build_model(**bundle["model_kwargs"],
                         class_weights=torch.tensor(weights, dtype=torch.float32) if weights else None)
@@ -71,7 +79,7 @@ def load_bundle(path: Path, device: str | torch.device = "cpu") -> tuple[nn.Modu
     for key, value in bundle["state_dict"].items():
         head, _, rest = key.partition(".")
         if head not in parts:
-            raise ValueError(f"{path}: unexpected weight {key!r}; is it a cropmap model.ckpt?")
+            raise InputDataError(f"{path}: unexpected weight {key!r}; is it a cropmap model.ckpt?")
         parts[head][rest] = value
     model.load_state_dict(parts["model"])
     norm.load_state_dict(parts["norm"])
