@@ -23,7 +23,8 @@ def test_shipped_config_is_valid_and_filled_with_defaults() -> None:
 @pytest.mark.parametrize(
     ("mutate", "fragment"),
     [
-        (lambda c: c.update(colour_scheme="x"), "unknown key(s) 'colour_scheme'"),
+        (lambda c: c.update(colour_scheme="x"), "config key colour_scheme: unknown key"),
+        (lambda c: c["training"].update(epohcs=3), "config key training.epohcs: unknown key; did you mean 'epochs'?"),
         (lambda c: c["regions"].update({"Bad Name": c["regions"]["tiny"]}), "'Bad Name' is not a slug"),
         (lambda c: c["regions"]["tiny"].update(bbox=[5.0, 45.7, 4.9, 45.8]), "regions.tiny.bbox"),
         (lambda c: c["regions"]["tiny"].update(season={"start": "2023-09", "end": "2023-03"}), "season.end 2023-03 is before season.start 2023-09"),

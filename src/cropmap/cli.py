@@ -43,6 +43,14 @@ def _checked_stacks(a: argparse.Namespace, p: dict[str, Any], window: Any = None
     check_stacks(Path(a.stack_dir), _grid(p), p["modalities"], window=window, months=p["months"], bands=p.get("bands"))
 
 
+def _checked_map(a: argparse.Namespace, p: dict[str, Any]) -> None:
+    """Stop with one line if the map is corrupt or (when the stage knows the grid) off the grid."""
+    from cropmap.io import check_raster
+
+    check_raster(Path(a.map), _grid(p) if "grid" in p else None,
+                 fix=f"delete {a.map} and rerun snakemake so the mosaic stage writes it again")
+
+
 def _checked_labels(a: argparse.Namespace, p: dict[str, Any]) -> None:
     """Stop with one line if ``labels.tif`` (and ``chips.parquet`` when the stage reads it) is
     corrupt or ``labels.tif`` is off the grid."""
@@ -51,7 +59,7 @@ def _checked_labels(a: argparse.Namespace, p: dict[str, Any]) -> None:
     check_raster(Path(a.labels), _grid(p) if "grid" in p else None,
                  fix=f"delete {a.labels} and rerun snakemake so the labels stage writes it again")
     if getattr(a, "chips", None):
-        check_table(Path(a.chips), fix=f"delete {a.chips} and rerun snakemake so the chips stage writes it again")
+        check_table(Path(a.chips), fix=f"delete {a.chips} and rerun snakemake so the chips stage writes it again", min_rows=1)
 
 
 def cmd_fetch(a: argparse.Namespace, p: dict[str, Any]) -> None:
@@ -149,6 +157,7 @@ def cmd_mosaic(a: argparse.Namespace, p: dict[str, Any]) -> None:
 def cmd_expected_f1(a: argparse.Namespace, p: dict[str, Any]) -> None:
     from cropmap import expected_f1
 
+    _checked_map(a, p)
     mean = expected_f1.run(Path(a.map), Path(a.metrics), Path(a.out))
     log.info("mean expected weighted F1 over mapped pixels: %.1f", mean)
 
@@ -176,6 +185,8 @@ def cmd_metrics(a: argparse.Namespace, p: dict[str, Any]) -> None:
 def cmd_coverage(a: argparse.Namespace, p: dict[str, Any]) -> None:
     from cropmap import coverage
 
+    _checked_stacks(a, p)
+    _checked_map(a, p)
     summary = coverage.summarise(Path(a.map), Path(a.stack_dir), _grid(p), p["months"], p["modalities"], p["tile_size"])
     coverage.write(summary, Path(a.out))
     log.info("coverage: %.1f %% nodata pixels, %d of %d tiles without any sensor, months without data: %s",
@@ -187,6 +198,7 @@ def cmd_area(a: argparse.Namespace, p: dict[str, Any]) -> None:
     from cropmap import area
 
     _checked_labels(a, p)
+    _checked_map(a, p)
     s = area.run(Path(a.map), Path(a.labels), p["classes"], Path(a.out_csv), Path(a.out_json))
     log.info("area: %d reference pixels on %d mapped pixels; overall accuracy %s", s["sample_px"], s["mapped_px"],
              "n/a" if s["overall_accuracy"] is None else f"{s['overall_accuracy']:.3f} +- {1.96 * (s['overall_accuracy_se'] or 0):.3f}")

@@ -10,6 +10,7 @@ method names it accepts come from the method registry (:mod:`cropmap.models.regi
 from __future__ import annotations
 
 import copy
+import difflib
 import json
 from collections.abc import Iterator
 from importlib import resources
@@ -54,9 +55,14 @@ def _one_line(err: jsonschema.ValidationError) -> str:
     key = _key_path(err)
     if err.validator == "additionalProperties":
         allowed = sorted(err.schema.get("properties", {}))
-        extra = sorted(set(err.instance) - set(allowed)) if isinstance(err.instance, dict) else []
-        hint = f"valid keys: {', '.join(allowed)}" if allowed else "remove it"
-        return f"config key {key}: unknown key(s) {', '.join(map(repr, extra))}; {hint}"
+        extra = sorted(map(str, set(err.instance) - set(allowed))) if isinstance(err.instance, dict) else []
+        if not extra:
+            return f"config key {key}: {err.message}"
+        named = extra[0] if key == "(top level)" else f"{key}.{extra[0]}"
+        close = difflib.get_close_matches(extra[0], allowed, n=1)
+        hint = (f"did you mean {close[0]!r}? " if close else "") + (f"valid keys: {', '.join(allowed)}" if allowed else "remove it")
+        more = f" (and {', '.join(map(repr, extra[1:]))})" if len(extra) > 1 else ""
+        return f"config key {named}: unknown key{more}; {hint}"
     if err.validator == "pattern" and err.schema.get("pattern") == "^[a-z0-9_-]+$":
         return f"config key {key}: {err.instance!r} is not a slug; use lower-case letters, digits, '_' and '-' only"
     if err.validator == "propertyNames":
@@ -295,7 +301,7 @@ def stage_params(config: dict, stage: str, region: str, method: str | None = Non
                        "model": {"method": config["model"]["method"], "task": config["model"]["task"],
                                  "trained_on": model_region(config, region)}}
     if stage == "area":
-        return {"region": region, "classes": config["classes"]}
+        return {"region": region, "grid": grid, "classes": config["classes"]}
     if stage == "metrics":
         return base | {"evaluation": config["evaluation"], "seed": config["seed"], "prediction": config["prediction"]}
     raise ValueError(f"unknown stage {stage!r}")

@@ -16,11 +16,14 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from cropmap.errors import ConfigError
+from cropmap.errors import ConfigError, brief
 from cropmap.grid import Grid
 
 #: The most prediction tiles one region may have (more is a typo in bbox or resolution).
 MAX_TILES = 100_000
+
+#: The longest season (months): every month is a band group of every temporal stack.
+MAX_MONTHS = 36
 
 #: Keyword arguments of the model factory that the config sets through other keys.
 SET_ELSEWHERE = {"task": "model.task", "modalities": "modalities", "in_channels": "modalities",
@@ -66,8 +69,7 @@ def check_crs(value: str, key: str, projected: bool = True) -> None:
     try:
         crs = CRS.from_user_input(value)
     except CRSError as exc:
-        first = str(exc).splitlines()[0]
-        raise ConfigError(f"config key {key}: {value!r} is not a CRS pyproj knows ({first}); "
+        raise ConfigError(f"config key {key}: {value!r} is not a CRS pyproj knows ({brief(exc)}); "
                           "give one like EPSG:32631 (or leave it out: the UTM zone of the bbox)") from None
     if projected and not (crs.is_projected and crs.axis_info and crs.axis_info[0].unit_name in ("metre", "meter")):
         raise ConfigError(f"config key {key}: {value!r} is not a projected CRS in metres (regions.<name>.resolution is "
@@ -75,28 +77,36 @@ def check_crs(value: str, key: str, projected: bool = True) -> None:
 
 
 def check_region(config: dict, name: str, region: dict) -> None:
-    """CRS, bbox, grid size and ``model_from`` season of one region."""
+    """CRS, season length, ``model_from`` season, bbox and grid size of one region."""
+    from cropmap.config import region_months
+
     key = f"regions.{name}"
     if region.get("crs") is not None:
         check_crs(region["crs"], f"{key}.crs")
     for m, spec in (region.get("files") or {}).items():
         if isinstance(spec, dict) and spec.get("crs") is not None:
             check_crs(spec["crs"], f"{key}.files.{m}.crs", projected=False)
+    n = len(region_months(region))
+    if n > MAX_MONTHS:
+        raise ConfigError(f"config key {key}.season: {n} months, at most {MAX_MONTHS}; "
+                          "a season is the months of one crop cycle (e.g. {start: 2023-01, end: 2023-12})")
+    frm = region.get("model_from")
+    if frm is not None and frm in config["regions"]:
+        n_from = len(region_months(config["regions"][frm]))
+        if n != n_from:
+            raise ConfigError(f"config key {key}.season: {n} month(s), but the model of {frm} (model_from) takes "
+                              f"{n_from}; give both regions seasons of the same length")
     if region.get("bbox") is None:
         return  # the grid is the files' footprint, read by cropmap.config
     try:
         grid = Grid.from_bbox(region["bbox"], res=float(region.get("resolution", 10)), crs=region.get("crs"))
     except ConfigError as exc:
         raise ConfigError(f"config key {key}.bbox: {exc}") from None
+    except (OverflowError, ValueError, ArithmeticError) as exc:  # projected to infinity (pyproj's errors are ValueErrors)
+        raise ConfigError(f"config key {key}.bbox: {region['bbox']} cannot be projected onto "
+                          f"{region.get('crs') or 'its UTM zone'} ({type(exc).__name__}); check the bbox is lon/lat in "
+                          "degrees inside the CRS's area of use (or remove crs)") from None
     check_grid(config, key, grid, region)
-    frm = region.get("model_from")
-    if frm is not None and frm in config["regions"]:
-        from cropmap.config import region_months
-
-        n, n_from = len(region_months(region)), len(region_months(config["regions"][frm]))
-        if n != n_from:
-            raise ConfigError(f"config key {key}.season: {n} month(s), but the model of {frm} (model_from) takes "
-                              f"{n_from}; give both regions seasons of the same length")
 
 
 def check_grid(config: dict, key: str, grid: Grid, region: dict) -> None:

@@ -15,7 +15,7 @@ import rasterio
 from rasterio.errors import RasterioIOError
 from rasterio.windows import Window
 
-from cropmap.errors import CorruptRasterError, GridMismatchError, InputDataError
+from cropmap.errors import CorruptRasterError, GridMismatchError, InputDataError, brief
 from cropmap.grid import Grid
 from cropmap.modalities import BANDS, TEMPORAL, band_descriptions
 
@@ -92,8 +92,7 @@ def check_readable(path: str | Path, hint: str = "delete it and rerun the stage 
             for win in windows:
                 src.read(window=win)
     except (RasterioIOError, OSError, ValueError) as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise CorruptRasterError(f"{path} is truncated or corrupt ({first}): {hint}") from None
+        raise CorruptRasterError(f"{path} is truncated or corrupt ({brief(exc)}): {hint}") from None
 
 
 def check_raster(path: str | Path, grid: Grid | None, fix: str, window: Window | None = None) -> None:
@@ -108,8 +107,7 @@ def check_raster(path: str | Path, grid: Grid | None, fix: str, window: Window |
         if grid is not None:
             grid.check(path, fix=fix)
     except (RasterioIOError, OSError) as exc:  # not even the header opens
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise CorruptRasterError(f"{path} is truncated or corrupt ({first}): {fix}") from None
+        raise CorruptRasterError(f"{path} is truncated or corrupt ({brief(exc)}): {fix}") from None
     check_readable(path, hint=fix, window=window)
 
 
@@ -155,14 +153,14 @@ def check_stack_bands(path: str | Path, modality: str, months: Sequence[str], fi
     except GridMismatchError as exc:
         raise GridMismatchError(f"{exc}: {fix}") from None
     if found != expected:
-        first_diff = next((i for i, (a, b) in enumerate(zip(found, expected, strict=False)) if a != b), min(len(found), len(expected)))
-        seen = found[first_diff] if first_diff < len(found) else "nothing"
-        want = expected[first_diff] if first_diff < len(expected) else "nothing"
-        span = f"{len(months)} month(s) {months[0]}..{months[-1]}" if TEMPORAL[modality] else "no time axis"
-        raise GridMismatchError(
-            f"{path} has {len(found)} bands, expected {len(expected)} ({span}; band {first_diff + 1} should be {want}, "
-            f"found {seen}): {fix}"
-        )
+        i = next((i for i, (a, b) in enumerate(zip(found, expected, strict=False)) if a != b), min(len(found), len(expected)))
+        seen = found[i] if i < len(found) else "nothing"
+        want = expected[i] if i < len(expected) else "nothing"
+        span = f"the {len(months)} month(s) {months[0]}..{months[-1]}" if TEMPORAL[modality] else "no time axis"
+        count = f"has {len(found)} bands, expected {len(expected)}" if len(found) != len(expected) else \
+            f"has the {len(found)} bands expected but other band names"
+        raise GridMismatchError(f"{path} {count} (<band>_<YYYY-MM> for {span}; band {i + 1} should be {want}, "
+                                f"found {seen}): {fix}")
 
 
 def check_stacks(stack_dir: str | Path, grid: Grid, modalities: list[str] | tuple[str, ...],
@@ -198,8 +196,9 @@ def check_stacks(stack_dir: str | Path, grid: Grid, modalities: list[str] | tupl
     return found
 
 
-def check_table(path: str | Path, fix: str) -> None:
-    """Check a Parquet table a stage reads (``chips.parquet``): its footer and schema read.
+def check_table(path: str | Path, fix: str, min_rows: int = 0) -> None:
+    """Check a Parquet table a stage reads (``chips.parquet``): its footer and schema read, and
+    it has at least ``min_rows`` rows.
 
     Raises:
         CorruptRasterError: naming the file and ``fix``.
@@ -208,7 +207,8 @@ def check_table(path: str | Path, fix: str) -> None:
     import pyarrow.parquet as pq
 
     try:
-        pq.read_metadata(path)
+        rows = pq.read_metadata(path).num_rows
     except (OSError, ValueError, pa.ArrowException) as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise CorruptRasterError(f"{path} is truncated or corrupt ({first}): {fix}") from None
+        raise CorruptRasterError(f"{path} is truncated or corrupt ({brief(exc)}): {fix}") from None
+    if rows < min_rows:
+        raise InputDataError(f"{path} has {rows} rows, at least {min_rows} needed: {fix}")

@@ -18,7 +18,7 @@ import numpy as np
 import rasterio
 from rasterio.features import rasterize
 
-from cropmap.errors import LabelError
+from cropmap.errors import LabelError, brief
 from cropmap.grid import Grid
 from cropmap.io import atomic_path
 
@@ -66,7 +66,7 @@ def read_labels(path: Path, column: str, classes: Sequence[dict], grid: Grid, la
         else:
             gdf = gpd.read_file(path, layer=layer) if layer else gpd.read_file(path)
     except Exception as exc:  # pyogrio raises several types
-        raise LabelError(f"{path}: cannot read the label file ({str(exc).splitlines()[0]}); give a GeoPackage, GeoJSON, GeoParquet or Shapefile") from None
+        raise LabelError(f"{path}: cannot read the label file ({brief(exc)}); give a GeoPackage, GeoJSON, GeoParquet or Shapefile") from None
     if column not in gdf.columns:
         raise LabelError(f"{path}: no column {column!r} (columns: {[c for c in gdf.columns if c != 'geometry']}); set labels.column in config")
     if gdf.crs is None:

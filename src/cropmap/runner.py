@@ -99,26 +99,30 @@ def job_log(path: Path | None, verbose: bool = False) -> Iterator[Callable[[str]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # a DDP child re-runs this command: it adds to the log its launcher started
-    mode = "a" if os.environ.get("LOCAL_RANK", "0") != "0" else "w"
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if os.environ.get("LOCAL_RANK", "0") != "0" else os.O_TRUNC)
     old_out, old_err = sys.stdout, sys.stderr
     for stream in (old_out, old_err):
         with contextlib.suppress(AttributeError, ValueError, OSError):
             stream.flush()
     saved = {fd: os.dup(fd) for fd in (1, 2)}
-    log_file = open(path, mode, buffering=1, encoding="utf-8", errors="replace")  # noqa: SIM115 -- closed below
     terminal = _terminal(old_err, saved[2])
-    os.dup2(log_file.fileno(), 1)
-    os.dup2(log_file.fileno(), 2)
-    sys.stdout = sys.stderr = log_file
-    handler = logging.StreamHandler(log_file)
+    log_fd = os.open(path, flags, 0o666)
+    os.dup2(log_fd, 1)
+    os.dup2(log_fd, 2)
+    os.close(log_fd)
+    # streams on the descriptors themselves, never closed: a handler a library creates during
+    # the run (Lightning adds its own) keeps writing to descriptor 2, never to a closed file
+    sys.stdout = os.fdopen(1, "w", buffering=1, encoding="utf-8", errors="replace", closefd=False)
+    sys.stderr = err = os.fdopen(2, "w", buffering=1, encoding="utf-8", errors="replace", closefd=False)
+    handler = logging.StreamHandler(err)
     handler.setFormatter(logging.Formatter(LOG_FORMAT))
     root.addHandler(handler)
     old_level = root.level
     root.setLevel(level)
 
     def say(line: str) -> None:
-        log_file.write(line + "\n")
-        log_file.flush()
+        err.write(line + "\n")
+        err.flush()
         terminal.write(line + "\n")
         terminal.flush()
 
@@ -127,12 +131,13 @@ def job_log(path: Path | None, verbose: bool = False) -> Iterator[Callable[[str]
     finally:
         root.removeHandler(handler)
         root.setLevel(old_level)
-        log_file.flush()
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(AttributeError, ValueError, OSError):
+                stream.flush()
         sys.stdout, sys.stderr = old_out, old_err
         for fd, dup in saved.items():
             os.dup2(dup, fd)
             os.close(dup)
-        log_file.close()
         if terminal is not old_err:
             with contextlib.suppress(OSError):
                 terminal.close()

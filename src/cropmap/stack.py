@@ -31,7 +31,7 @@ from pyproj import CRS, Transformer
 from rasterio.errors import RasterioIOError
 from rasterio.windows import Window
 
-from cropmap.errors import ConfigError, CorruptRasterError, GridMismatchError
+from cropmap.errors import ConfigError, CorruptRasterError, GridMismatchError, brief
 from cropmap.grid import Grid, pixel_windows
 from cropmap.io import atomic_path
 from cropmap.modalities import band_descriptions
@@ -90,7 +90,7 @@ def warp_window(raw: str, grid: dict, row: int, col: int, height: int, width: in
             r0, r1 = max(0, int(j0[inside].min())), min(src.height - 1, int(j0[inside].max()) + 1)
             block = _to_nan(src.read(window=Window(c0, r0, c1 - c0 + 1, r1 - r0 + 1), out_dtype="float64"), nodata)
     except RasterioIOError as exc:
-        raise CorruptRasterError(f"{raw} is truncated or corrupt ({str(exc).splitlines()[0]}): delete it and rerun the fetch") from None
+        raise CorruptRasterError(f"{raw} is truncated or corrupt ({brief(exc)}): delete it and rerun the fetch") from None
     num = np.zeros_like(out)
     wsum = np.zeros(out.shape, np.float64)
     for di, dj, w in ((0, 0, (1 - fu) * (1 - fv)), (1, 0, fu * (1 - fv)), (0, 1, (1 - fu) * fv), (1, 1, fu * fv)):
@@ -214,7 +214,7 @@ def stack_modality(raw: Path, out: Path, grid: Grid, modality: str, months: Sequ
                     "delete the region's raw folder and rerun the fetch"
                 )
     except RasterioIOError as exc:
-        raise CorruptRasterError(f"{raw} is truncated or corrupt ({str(exc).splitlines()[0]}): delete it and rerun the fetch") from None
+        raise CorruptRasterError(f"{raw} is truncated or corrupt ({brief(exc)}): delete it and rerun the fetch") from None
     n = len(expected)
     chunk = aligned_chunk(grid, chunk, n)
     windows = pixel_windows(grid, chunk)
