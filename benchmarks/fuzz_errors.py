@@ -1,11 +1,13 @@
 """Fuzz every failure into one line: the config fuzzer and the input-file fuzzer, fixed seed and budget.
 
-    python benchmarks/fuzz_errors.py [--config-cases 220] [--file-cases 100] [--seed 14]
+    python benchmarks/fuzz_errors.py [--config-cases 220] [--file-cases 60] [--seed 14]
 
-Config cases (``tests/fuzz_config.py``): mutated demo and tiny configs through load, validation
-and a Snakemake dry run. File cases (``tests/fuzz_files.py``): damaged stacks, raw files, label
-files, chips, models and maps through the stage commands. Prints, per class of case, how it
-ended and one line the user saw, then as its last line::
+Config cases (``tests/fuzz_config.py``, hypothesis): mutated demo and tiny configs through load,
+validation and a Snakemake dry run. File cases (``tests/fuzz_files.py``): every damage of every
+input (stacks, raw files, label files, labels.tif, chips, models, maps) through every stage that
+reads it once (:func:`~tests.fuzz_files.every_case`), then ``--file-cases`` more drawn by
+hypothesis. Prints, per class of case, how it ended and one line the user saw, then as its last
+line::
 
     tried=N one_line=K tracebacks=T partial_outputs=P hangs=H
 
@@ -34,14 +36,14 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config-cases", type=int, default=220)
-    ap.add_argument("--file-cases", type=int, default=100)
+    ap.add_argument("--file-cases", type=int, default=60)
     ap.add_argument("--seed", type=int, default=14)
     args = ap.parse_args()
 
     import torch
     from hypothesis import HealthCheck, given, seed, settings
     from tests.fuzz_config import config_case, run_config_case
-    from tests.fuzz_files import build_base, file_case, run_file_case
+    from tests.fuzz_files import build_base, every_case, file_case, run_file_case
 
     torch.set_num_threads(1)
     fuzz = settings(deadline=None, database=None, suppress_health_check=list(HealthCheck))
@@ -69,9 +71,6 @@ def main() -> None:
         config()
         base = build_base(root / "base")
 
-        @seed(args.seed)
-        @settings(fuzz, max_examples=args.file_cases)
-        @given(file_case())
         def files(c: object) -> None:
             kind, detail = run_file_case(base, c, root / "files" / f"f{next(n)}")  # type: ignore[arg-type]
             tally[kind] += 1
@@ -82,7 +81,10 @@ def main() -> None:
             if kind not in ("valid", "one_line"):
                 bad.append(f"{c}: {kind}: {detail[:500]}")
 
-        files()
+        sweep = every_case(args.seed)
+        for c in sweep:
+            files(c)
+        seed(args.seed)(settings(fuzz, max_examples=args.file_cases)(given(file_case())(files)))()
     wall = time.monotonic() - start
     for key in sorted(classes):
         counts = ", ".join(f"{k} {v}" for k, v in sorted(classes[key].items()))
@@ -91,7 +93,7 @@ def main() -> None:
         print("NOT ONE LINE:", line)
     tried = sum(tally.values())
     print(f"valid={tally['valid']} silent={tally['silent']} undetected={tally['undetected']} unnamed={tally['unnamed']} "
-          f"wall={wall:.0f}s (seed {args.seed}; config {args.config_cases}, files {args.file_cases})")
+          f"wall={wall:.0f}s (seed {args.seed}; config {args.config_cases}, files {len(sweep)} + {args.file_cases})")
     print(f"tried={tried} one_line={tally['one_line']} tracebacks={tally['traceback']} "
           f"partial_outputs={tally['partial']} hangs={tally['hang']}")
 

@@ -21,6 +21,7 @@ the stage. The outcome:
 from __future__ import annotations
 
 import io
+import random
 import shutil
 import sys
 import warnings
@@ -242,6 +243,13 @@ def file_case(draw: Any) -> FileCase:
     damages, stages = TARGETS[target]
     return FileCase(target, draw(st.sampled_from(MODS)), draw(st.sampled_from(damages)), draw(st.sampled_from(stages)),
                     draw(st.floats(0.02, 0.98)), draw(st.integers(1, 3)))
+
+
+def every_case(seed: int) -> list[FileCase]:
+    """Every ``(target, damage, stage)`` of :data:`TARGETS` once; modality, cut and band count drawn from ``seed``."""
+    rng = random.Random(seed)
+    return [FileCase(t, rng.choice(MODS), d, st_, rng.uniform(0.02, 0.98), rng.randint(1, 3))
+            for t, (damages, stages) in sorted(TARGETS.items()) for d in damages for st_ in stages]
 
 
 def stage_argv(base: Base, case: Path, stage: str, labels_path: Path | None = None) -> tuple[list[str], list[Path]]:

@@ -72,7 +72,9 @@ def _one_line(err: jsonschema.ValidationError) -> str:
     if err.validator == "type":
         return f"config key {key}: {err.instance!r} should be of type {err.validator_value}"
     if err.validator == "required":
-        return f"config key {key}: {err.message}; add it (see cropmap/schemas/config.schema.yaml)"
+        missing = [r for r in err.validator_value if isinstance(err.instance, dict) and r not in err.instance][:1]
+        named = (missing[0] if key == "(top level)" else f"{key}.{missing[0]}") if missing else key
+        return f"config key {named}: missing, and it is required; add it (see cropmap/schemas/config.schema.yaml)"
     return f"config key {key}: {err.message}"
 
 

@@ -30,7 +30,7 @@ from torchgeo.datasets import RasterDataset
 from torchgeo.samplers import GridGeoSampler
 
 from cropmap.availability import presence_stack
-from cropmap.errors import LabelError
+from cropmap.errors import InputDataError, LabelError
 from cropmap.grid import Grid
 from cropmap.labels import NODATA, SPLITS
 from cropmap.modalities import TEMPORAL, band_descriptions, n_channels
@@ -108,12 +108,25 @@ STACK_DATASETS: dict[str, type[StackDataset]] = {
 
 
 def open_stacks(stack_dir: Path, months: Sequence[str], modalities: Sequence[str]) -> dict[str, StackDataset]:
-    """TorchGeo datasets for the modalities whose stack exists in ``stack_dir``."""
-    return {
-        m: STACK_DATASETS[m](stack_dir / f"{m}.tif", months)
-        for m in modalities
-        if (stack_dir / f"{m}.tif").exists()
-    }
+    """TorchGeo datasets for the modalities whose stack exists in ``stack_dir``.
+
+    Raises:
+        InputDataError: a stack has other bands than the datasets read (every band of its
+            modality for every month).
+    """
+    out = {}
+    for m in modalities:
+        path = stack_dir / f"{m}.tif"
+        if not path.exists():
+            continue
+        want = band_descriptions(m, months)
+        with rasterio.open(path) as src:
+            have = list(src.descriptions)
+        if have != want:
+            raise InputDataError(f"{path} has the bands {have[:2]}... ({len(have)}), this stage reads every {m} band for "
+                                 f"every month ({len(want)}: {want[0]} ... {want[-1]}); rebuild the stack with every band")
+        out[m] = STACK_DATASETS[m](path, months)
+    return out
 
 
 def aligned_chips(label_ds: LabelRaster, grid: Grid, size: int) -> Iterator[tuple[int, int, tuple[slice, slice, slice]]]:

@@ -156,11 +156,11 @@ def check_stack_bands(path: str | Path, modality: str, months: Sequence[str], fi
         i = next((i for i, (a, b) in enumerate(zip(found, expected, strict=False)) if a != b), min(len(found), len(expected)))
         seen = found[i] if i < len(found) else "nothing"
         want = expected[i] if i < len(expected) else "nothing"
-        span = f"the {len(months)} month(s) {months[0]}..{months[-1]}" if TEMPORAL[modality] else "no time axis"
+        span = (f"<band>_<YYYY-MM> for the {len(months)} month(s) {months[0]}..{months[-1]}" if TEMPORAL[modality]
+                else f"{modality} bands, no months")
         count = f"has {len(found)} bands, expected {len(expected)}" if len(found) != len(expected) else \
             f"has the {len(found)} bands expected but other band names"
-        raise GridMismatchError(f"{path} {count} (<band>_<YYYY-MM> for {span}; band {i + 1} should be {want}, "
-                                f"found {seen}): {fix}")
+        raise GridMismatchError(f"{path} {count} ({span}; band {i + 1} should be {want}, found {seen}): {fix}")
 
 
 def check_stacks(stack_dir: str | Path, grid: Grid, modalities: list[str] | tuple[str, ...],

@@ -5,6 +5,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
+import rasterio
+
+from cropmap.errors import InputDataError
 from cropmap.grid import Grid, tile_window
 from cropmap.predict.predictor import Predictor
 from cropmap.predict.tile import TileResult, write_tile
@@ -28,7 +32,27 @@ def run(ckpt: Path, stack_dir: Path, grid: Grid, name: str, out: Path, *, tile_s
     """
     predictor = predictor or Predictor(ckpt, device, batch_size, threads=threads)
     stacks = {m: stack_dir / f"{m}.tif" for m in modalities if (stack_dir / f"{m}.tif").exists()}
+    check_model_inputs(predictor, ckpt, stacks)
     window = tile_window(grid, name, tile_size)
     res = predictor.predict_tile(stacks, window, chip_size, overlap, progress=True)
     write_tile(res, out, grid, window, probabilities)
     return res
+
+
+def check_model_inputs(predictor: Predictor, ckpt: Path, stacks: dict[str, Path]) -> None:
+    """Each stack has the bands the model takes (its channels x months), e.g. not another season's.
+
+    Raises:
+        InputDataError: naming the stack, the model, both band counts and the fix.
+    """
+    for m, path in stacks.items():
+        if m not in predictor.modalities:
+            continue
+        want = int(np.prod(predictor.input_shape(m)))
+        with rasterio.open(path) as src:
+            have = src.count
+        if have != want:
+            shape = " x ".join(map(str, predictor.input_shape(m)))
+            raise InputDataError(f"{path} has {have} bands, the model {ckpt} takes {want} ({shape}: months x bands) of {m}; "
+                                 "a model predicts stacks of its own bands and season length (model_from: a region with "
+                                 "the same season and bands)")
