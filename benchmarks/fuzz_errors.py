@@ -66,7 +66,7 @@ def main() -> None:
             classes[key][out.kind] += 1
             example.setdefault(key, out.detail)
             if out.kind not in ("valid", "one_line"):
-                bad.append(f"{name} {mutations}: {out.kind}: {out.detail[:500]}")
+                bad.append(f"{out.kind.upper()}: {name} {mutations}: {out.detail[:500]}")
 
         config()
         base = build_base(root / "base")
@@ -79,7 +79,7 @@ def main() -> None:
             if kind == "one_line" or key not in example:
                 example[key] = re.sub(r"/\S*fuzz errors [^/]+/files/f\d+", "<case>", detail)
             if kind not in ("valid", "one_line"):
-                bad.append(f"{c}: {kind}: {detail[:500]}")
+                bad.append(f"{kind.upper()}: {c}: {detail[:500]}")
 
         sweep = every_case(args.seed)
         for c in sweep:
@@ -90,7 +90,7 @@ def main() -> None:
         counts = ", ".join(f"{k} {v}" for k, v in sorted(classes[key].items()))
         print(f"{key} [{counts}]: {example.get(key, '')[:300]}")
     for line in bad:
-        print("NOT ONE LINE:", line)
+        print(line)
     tried = sum(tally.values())
     print(f"valid={tally['valid']} silent={tally['silent']} undetected={tally['undetected']} unnamed={tally['unnamed']} "
           f"wall={wall:.0f}s (seed {args.seed}; config {args.config_cases}, files {len(sweep)} + {args.file_cases})")
