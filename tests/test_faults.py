@@ -331,6 +331,83 @@ def test_label_file_with_an_unknown_class_code(base: Path, tmp_path: Path, capsy
     assert not out.exists() or not leftovers(out)
 
 
+def test_a_failing_job_shows_its_one_line_on_the_snakemake_terminal(base: Path, tmp_path: Path) -> None:
+    """The stage's error line reaches the terminal of ``snakemake`` (and its log), next to
+    Snakemake's pointer to the log; the failed job leaves no output."""
+    cfg = write_config(tmp_path, secret_key_path(base))
+    copy_from(base, tmp_path, "data")
+    for f in ("labels.tif", "labels.gpkg"):
+        (tmp_path / "data" / REGION / f).unlink()
+    vec = tmp_path / "fields with space.geojson"
+    grid = Grid(**stage_params(cfg, "labels", REGION)["grid"])
+    x0, _, _, y1 = grid.bounds
+    gpd.GeoDataFrame({"code": ["wheat", "WHT-2023"]}, geometry=[box(x0 + 20, y1 - 300, x0 + 150, y1 - 20),
+                                                                 box(x0 + 170, y1 - 300, x0 + 300, y1 - 20)],
+                     crs=grid.crs).to_file(vec)
+    raw = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    raw["regions"][REGION]["labels"] = {"path": str(vec)}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(raw))
+    res = snakemake(tmp_path, str(tmp_path / "data" / REGION / "labels.tif"), check=False)
+    assert res.returncode != 0
+    terminal = res.stdout + res.stderr
+    lines = [ln for ln in terminal.splitlines() if "cropmap labels: error:" in ln]
+    assert len(lines) == 1 and lines[0].startswith("cropmap labels: error: "), terminal[-3000:]
+    assert f"{vec}: 1 unknown class code(s) in column 'code'" in lines[0] and "classes[].codes" in lines[0]
+    assert "Traceback" not in terminal
+    assert "log: logs/tiny/labels.log" in terminal  # Snakemake's own pointer
+    log = (tmp_path / "logs" / REGION / "labels.log").read_text()
+    assert log.splitlines()[-1] == lines[0]
+    assert not (tmp_path / "data" / REGION / "labels.tif").exists() and not leftovers(tmp_path / "data")
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_device_cuda_without_a_gpu_stops_a_local_run_before_any_job(tmp_path: Path, base: Path,
+                                                                     capsys: pytest.CaptureFixture) -> None:
+    cfg = fault_config(tmp_path, secret_key_path(base))
+    cfg["training"]["device"] = "cuda"
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
+    assert snakemake(tmp_path, "-n", "maps").returncode == 0  # parsing (e.g. on a cluster's login node) is fine
+    res = snakemake(tmp_path, "maps", check=False)
+    lines = [ln for ln in (res.stdout + res.stderr).splitlines() if "cropmap: invalid config" in ln]
+    assert res.returncode != 0 and len(lines) == 1, res.stderr[-3000:]
+    assert "config key training.device is 'cuda' but no CUDA device is visible; set it to auto or cpu" in lines[0]
+    assert not (tmp_path / "data").exists() and not (tmp_path / "logs").exists()
+    # a job that runs anyway (on a cluster node without a GPU) says the same in one line
+    p = json.loads(_stage_args(base, base / "data" / REGION / "stack", "train", tmp_path / "out")[1])
+    p["training"]["device"] = "cuda"
+    argv = _stage_args(base, base / "data" / REGION / "stack", "train", tmp_path / "out")
+    argv[1] = dumps(p)
+    line = one_line_error(capsys, "train", argv)
+    assert "config key training.device is 'cuda' but no CUDA device is visible" in line
+    assert not (tmp_path / "out").exists() or not [f for f in (tmp_path / "out").rglob("*") if f.is_file()]
+
+
+@pytest.mark.parametrize("change", ["drop_bands", "other_months"])
+def test_stack_with_other_bands_on_the_same_grid_stops_each_reader_with_one_line(
+        base: Path, tmp_path: Path, change: str, capsys: pytest.CaptureFixture) -> None:
+    stack = tmp_path / "stack"
+    shutil.copytree(base / "data" / REGION / "stack", stack)
+    f = stack / "s1.tif"
+    with rasterio.open(f) as src:
+        prof, data, desc = src.profile, src.read(), list(src.descriptions)
+    if change == "drop_bands":  # a stack of 11 months where the season has 12
+        data, desc = data[:-2], desc[:-2]
+        want = "has 22 bands, expected 24 (<band>_<YYYY-MM> for the 12 month(s) 2023-01..2023-12; band 23 should be VV_2023-12, found nothing)"
+    else:  # the same count, another season
+        desc = [d.replace("2023-", "2022-") for d in desc]
+        want = "has the 24 bands expected but other band names (<band>_<YYYY-MM> for the 12 month(s) 2023-01..2023-12; band 1 should be VV_2023-01, found VV_2022-01)"
+    prof["count"] = len(data)
+    f.unlink()
+    with rasterio.open(f, "w", **prof) as dst:
+        dst.write(data)
+        dst.descriptions = tuple(desc)
+    for stage in ("chips", "train", "predict"):
+        out = tmp_path / f"out-{stage}"
+        line = one_line_error(capsys, stage, _stage_args(base, stack, stage, out))
+        assert f"{f} {want}: delete the folder {stack} and rerun snakemake" in line, line
+        assert not out.exists() or not [p for p in out.rglob("*") if p.is_file()]
+
+
 def test_bbox_across_the_antimeridian_stops_the_workflow_with_one_line(base: Path, tmp_path: Path) -> None:
     cfg = fault_config(tmp_path, secret_key_path(base))
     cfg["regions"] = {"fiji": {"bbox": [179.95, -16.85, -179.95, -16.80], "season": {"start": "2023-01", "end": "2023-12"}}}

@@ -40,7 +40,9 @@ def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    wd = tmp_path_factory.mktemp("wf")
+    """The whole tiny workflow, in a folder whose name holds a space (every path of every rule is quoted)."""
+    wd = tmp_path_factory.mktemp("wf with space")
+    assert " " in str(wd)
     (wd / "config.yaml").write_text(yaml.safe_dump(tiny_config(wd)))
     snakemake(wd, str(wd / "data/tiny/stack"))
     # a corner outside every source's footprint: all modalities NaN there
@@ -69,6 +71,21 @@ def test_map_is_a_valid_cog_with_three_bands(run: Path) -> None:
     assert set(np.unique(cls)) - {255} <= set(range(7))
     assert (run / "results/tiny/quicklook.png").stat().st_size > 1000
     assert (run / "results/tiny/map.json").exists()
+
+
+def test_logs_have_concise_progress_lines_and_no_bars(run: Path) -> None:
+    """Each stage writes its own log (``cropmap <stage> --log``): no progress-bar redraws, one line per epoch."""
+    logs = sorted((run / "logs").rglob("*.log"))
+    assert len(logs) >= 10
+    for log in logs:
+        text = log.read_text()
+        assert "\r" not in text and "Traceback" not in text, log
+    train = (run / "logs/tiny/train_classification.log").read_text()
+    epochs = re.findall(r"epoch (\d+)/2: ", train)
+    summary = json.loads((run / "models/tiny/classification/train_summary.json").read_text())
+    assert epochs == [str(i) for i in range(1, summary["epochs"] + 1)] and epochs, train[-2000:]
+    stack = (run / "logs/tiny/stack.log").read_text()
+    assert "stack s2: 100 % (1/1 chunks)" in stack and len(stack.splitlines()) < 40, stack
 
 
 def test_pixels_without_any_modality_are_nodata(run: Path) -> None:

@@ -15,6 +15,7 @@ import numpy as np
 import rasterio
 from rasterio.windows import Window
 
+from cropmap.io import atomic_path
 from cropmap.modalities import MODALITIES, TEMPORAL, n_channels
 
 
@@ -128,5 +129,6 @@ def write_report(files: Mapping[str, str | Path], out: str | Path, modalities: S
     report: dict[str, dict[str, float] | None] = {m: None for m in modalities}
     for m, p in files.items():
         report[m] = monthly_report(p, m)
-    Path(out).write_text(json.dumps(report, indent=2))
+    with atomic_path(out) as tmp:
+        tmp.write_text(json.dumps(report, indent=2))
     return report

@@ -15,7 +15,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from tqdm import tqdm
 
 from cropmap.availability import presence_stack
 from cropmap.datasets import LabelRaster, aligned_chips, open_stacks, read_query
@@ -23,6 +22,7 @@ from cropmap.grid import Grid
 from cropmap.io import atomic_path
 from cropmap.labels import NODATA, SPLITS
 from cropmap.modalities import channels_per_step
+from cropmap.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ def chip_table(stack_dir: Path, labels_tif: Path, grid: Grid, months: Sequence[s
     labels = LabelRaster(labels_tif)
     rows = []
     chips = list(aligned_chips(labels, grid, size))
-    for row0, col0, q in tqdm(chips, desc="chips", unit="chip"):
+    for row0, col0, q in progress(chips, "chips", "chip"):
         lab = read_query(labels, q)
         arrays = {m: read_query(ds, q) for m, ds in stacks.items()}
         pres = presence_stack(arrays, modalities, min_valid_fraction, lab.shape[1:], channels)

@@ -3,8 +3,11 @@
 One vocabulary: each stage is a Snakemake rule, a ``cropmap`` command and a module of the same
 name (rule ``mosaic`` runs ``cropmap mosaic``, :mod:`cropmap.mosaic`). The rules call these;
 each one can also be run by hand. ``--params`` is the JSON produced by
-:func:`cropmap.config.stage_params`. Errors of cropmap itself are printed as one line (the
-message names the file or key and the fix) with exit status 1.
+:func:`cropmap.config.stage_params`. How a command runs is :mod:`cropmap.runner`: an error is
+one line ``cropmap <stage>: error: ...`` naming the file or key and the fix (exit status 1),
+``--log FILE`` sends the command's whole output into ``FILE`` and that line also to the
+terminal, and a failed stage leaves none of its outputs (:data:`OUTPUTS`) behind. Inputs are
+checked before a stage reads them (:func:`check_inputs`, stacks, labels, chips).
 """
 
 from __future__ import annotations
@@ -17,14 +20,19 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from cropmap.errors import CropmapError
+from cropmap.errors import CropmapError, InputDataError, MissingParamError
 from cropmap.grid import Grid
+from cropmap.runner import parse_params, run_stage
 
 log = logging.getLogger("cropmap")
 
 
 def _grid(p: dict) -> Grid:
-    return Grid(**p["grid"])
+    try:
+        return Grid(**p["grid"])
+    except TypeError as exc:
+        raise MissingParamError(f"--params grid is not a grid ({exc}); pass the stage's parameters "
+                                "(cropmap.config.stage_params)") from None
 
 
 def _checked_stacks(a: argparse.Namespace, p: dict[str, Any], window: Any = None) -> None:
@@ -71,6 +79,25 @@ def _need(a: argparse.Namespace, *names: str) -> None:
         raise CropmapError(f"cropmap {a.stage}: give {', '.join('--' + n.replace('_', '-') for n in missing)} (or --inputs)")
 
 
+def _checked_map(a: argparse.Namespace, p: dict[str, Any]) -> None:
+    """Stop with one line if the map is corrupt or (when the stage knows the grid) off the grid."""
+    from cropmap.io import check_raster
+
+    check_raster(Path(a.map), _grid(p) if "grid" in p else None,
+                 fix=f"delete {a.map} and rerun snakemake so the mosaic stage writes it again")
+
+
+def _checked_labels(a: argparse.Namespace, p: dict[str, Any]) -> None:
+    """Stop with one line if ``labels.tif`` (and ``chips.parquet`` when the stage reads it) is
+    corrupt or ``labels.tif`` is off the grid."""
+    from cropmap.io import check_raster, check_table
+
+    check_raster(Path(a.labels), _grid(p) if "grid" in p else None,
+                 fix=f"delete {a.labels} and rerun snakemake so the labels stage writes it again")
+    if getattr(a, "chips", None):
+        check_table(Path(a.chips), fix=f"delete {a.chips} and rerun snakemake so the chips stage writes it again", min_rows=1)
+
+
 def cmd_fetch(a: argparse.Namespace, p: dict[str, Any]) -> None:
     from cropmap import availability, fetch
 
@@ -113,6 +140,7 @@ def cmd_fold(a: argparse.Namespace, p: dict[str, Any]) -> None:
                                     fold=int(a.fold))
             return
         _need(a, "labels", "chips")
+        _checked_labels(a, p)
         fold.write_fold(Path(a.labels), Path(a.chips), tmp, _grid(p), block_size=p["split"]["block_size"],
                         fractions=p["split"]["fractions"], seed=p["seed"], folds=p["folds"], fold=int(a.fold))
 
@@ -121,6 +149,7 @@ def cmd_chips(a: argparse.Namespace, p: dict[str, Any]) -> None:
     from cropmap import chips
 
     _checked_stacks(a, p)
+    _checked_labels(a, p)
     chips.run(Path(a.stack_dir), Path(a.labels), Path(a.out), _grid(p), p["months"], p["modalities"], p["size"], p["min_valid_fraction"],
               bands=p.get("bands"))
 
@@ -138,6 +167,7 @@ def cmd_train(a: argparse.Namespace, p: dict[str, Any]) -> None:
     else:  # a region
         _need(a, "stack_dir", "labels", "chips")
         _checked_stacks(a, p)
+        _checked_labels(a, p)
         summary = train.run(settings, Path(a.stack_dir), Path(a.labels), Path(a.chips), _grid(p), Path(a.out), Path(a.work_dir),
                             summary_json=summary_json)
     log.info("trained: %s", json.dumps(summary))
@@ -146,6 +176,8 @@ def cmd_train(a: argparse.Namespace, p: dict[str, Any]) -> None:
 def cmd_pretrain(a: argparse.Namespace, p: dict[str, Any]) -> None:
     from cropmap import pretrain
 
+    _checked_stacks(a, p)
+    _checked_labels(a, p)
     pt = p["pretrain"]
     summary = pretrain.run(Path(a.stack_dir), Path(a.chips), _grid(p), p["months"], p["modalities"], Path(a.out),
                            preset=p["preset"], epochs=pt["epochs"], batch_size=pt["batch_size"], lr=pt["lr"],
@@ -169,6 +201,8 @@ def cmd_mosaic(a: argparse.Namespace, p: dict[str, Any]) -> None:
     from cropmap import mosaic
 
     tiles = sorted(Path(a.tiles_dir).glob("*.tif")) if a.tiles_dir else [Path(t) for t in a.tiles]
+    if not tiles:
+        raise InputDataError(f"no tiles to mosaic ({'in ' + a.tiles_dir if a.tiles_dir else 'give --tiles'}); run the predict stage first")
     tags = {"cropmap_region": p["region"], "cropmap_method": p["model"]["method"], "cropmap_task": p["model"]["task"],
             "cropmap_season": f"{p['months'][0]}/{p['months'][-1]}", "cropmap_sources": json.dumps(p["sources"])}
     out = Path(a.out)
@@ -186,6 +220,7 @@ def cmd_mosaic(a: argparse.Namespace, p: dict[str, Any]) -> None:
 def cmd_expected_f1(a: argparse.Namespace, p: dict[str, Any]) -> None:
     from cropmap import expected_f1
 
+    _checked_map(a, p)
     mean = expected_f1.run(Path(a.map), Path(a.metrics), Path(a.out))
     log.info("mean expected weighted F1 over mapped pixels: %.1f", mean)
 
@@ -202,6 +237,7 @@ def cmd_metrics(a: argparse.Namespace, p: dict[str, Any]) -> None:
     else:
         _need(a, "stack_dir", "labels", "chips")
         _checked_stacks(a, p)
+        _checked_labels(a, p)
         df = metrics.evaluate(Path(a.model), Path(a.stack_dir), Path(a.labels), Path(a.chips), _grid(p), **kw)
     for tag in a.tag:
         key, _, value = tag.partition("=")
@@ -217,6 +253,8 @@ def cmd_metrics(a: argparse.Namespace, p: dict[str, Any]) -> None:
 def cmd_coverage(a: argparse.Namespace, p: dict[str, Any]) -> None:
     from cropmap import coverage
 
+    _checked_stacks(a, p)
+    _checked_map(a, p)
     summary = coverage.summarise(Path(a.map), Path(a.stack_dir), _grid(p), p["months"], p["modalities"], p["tile_size"])
     coverage.write(summary, Path(a.out))
     log.info("coverage: %.1f %% nodata pixels, %d of %d tiles without any sensor, months without data: %s",
@@ -227,6 +265,8 @@ def cmd_coverage(a: argparse.Namespace, p: dict[str, Any]) -> None:
 def cmd_area(a: argparse.Namespace, p: dict[str, Any]) -> None:
     from cropmap import area
 
+    _checked_labels(a, p)
+    _checked_map(a, p)
     s = area.run(Path(a.map), Path(a.labels), p["classes"], Path(a.out_csv), Path(a.out_json))
     log.info("area: %d reference pixels on %d mapped pixels; overall accuracy %s", s["sample_px"], s["mapped_px"],
              "n/a" if s["overall_accuracy"] is None else f"{s['overall_accuracy']:.3f} +- {1.96 * (s['overall_accuracy_se'] or 0):.3f}")
@@ -242,8 +282,48 @@ def cmd_compare(a: argparse.Namespace, p: dict[str, Any]) -> None:
 def cmd_report(a: argparse.Namespace, p: dict[str, Any]) -> None:
     from cropmap import report
 
-    regions = {name: {k: Path(v) for k, v in files.items()} for name, files in json.loads(a.regions).items()}
+    regions = {name: {k: Path(v) for k, v in files.items()} for name, files in parse_params(a.regions, "--regions").items()}
     report.html_report(regions, Path(a.out), compare_table=Path(a.compare) if a.compare else None)
+
+
+#: The arguments naming each stage's outputs: none is left behind when the stage fails.
+OUTPUTS: dict[str, tuple[str, ...]] = {
+    "fetch": ("raw_dir", "availability"), "stack": ("out_dir",), "labels": ("out_tif", "out_gpkg"),
+    "fold": ("out_tif", "out_chips"), "chips": ("out",), "train": ("out", "summary"), "pretrain": ("out",),
+    "predict": ("out",), "mosaic": ("out", "quicklook", "stac", "proba"), "expected_f1": ("out",),
+    "coverage": ("out",), "metrics": ("out", "confusion"), "area": ("out_csv", "out_json"),
+    "compare": ("table", "summary", "heatmap"), "report": ("out",),
+}
+
+#: The arguments naming each stage's inputs, and the stage that writes each.
+INPUTS: dict[str, dict[str, str]] = {
+    "stack": {"raw_dir": "fetch"}, "fold": {"labels": "labels", "chips": "chips"},
+    "chips": {"stack_dir": "stack", "labels": "labels"},
+    "train": {"stack_dir": "stack", "labels": "labels", "chips": "chips"},
+    "pretrain": {"stack_dir": "stack", "labels": "labels", "chips": "chips"},
+    "predict": {"model": "train", "stack_dir": "stack"}, "mosaic": {"tiles_dir": "predict", "tiles": "predict"},
+    "expected_f1": {"map": "mosaic", "metrics": "metrics"}, "coverage": {"map": "mosaic", "stack_dir": "stack"},
+    "metrics": {"model": "train", "stack_dir": "stack", "labels": "labels", "chips": "chips"},
+    "area": {"map": "mosaic", "labels": "labels"}, "compare": {"parts": "metrics"},
+}
+
+
+def output_paths(a: argparse.Namespace) -> list[Path]:
+    """The output paths of the parsed command ``a`` (:data:`OUTPUTS`)."""
+    paths = [Path(v) for k in OUTPUTS[a.stage] if (v := getattr(a, k, None))]
+    if a.stage == "train" and not a.summary:
+        paths.append(Path(a.out).parent / "train_summary.json")
+    return paths
+
+
+def check_inputs(a: argparse.Namespace) -> None:
+    """Stop with one line naming the first input of ``a`` that does not exist and the stage that writes it."""
+    for arg, writer in INPUTS.get(a.stage, {}).items():
+        values = getattr(a, arg, None) or []
+        for value in [values] if isinstance(values, str) else values:
+            if not Path(value).exists():
+                raise InputDataError(f"{value}: no such file or folder (--{arg.replace('_', '-')} of cropmap {a.stage}); "
+                                     f"run the {writer} stage first (snakemake does) or fix the path")
 
 
 def _atomic_dir(path: Path) -> Any:
@@ -269,7 +349,8 @@ DESCRIPTION = """Run one stage of the cropmap pipeline: cropmap <stage> --params
 Each stage is a Snakemake rule, a cropmap command and a module (cropmap.<stage>) of the
 same name; the rules in workflow/rules call these, and each can be run by hand. --params is
 the stage's slice of the config (cropmap.config.stage_params). An error prints one line
-naming the file or config key and the fix (exit status 1)."""
+naming the file or config key and the fix (exit status 1), and a failed stage leaves no
+outputs behind. --log FILE: all output goes into FILE, the error line to stderr as well."""
 
 #: ``cropmap <stage>``: what each stage does, as ``cropmap --help`` lists it.
 STAGES: dict[str, str] = {
@@ -301,6 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
     def add(name: str, fn: Any, *args: str, **flags: dict[str, Any]) -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=STAGES[name], description=STAGES[name])
         sp.add_argument("--params", default="{}", help="stage parameters as JSON (see cropmap.config.stage_params)")
+        sp.add_argument("--log", default=None, help="write all output into this file; the final error line also goes to stderr")
         for arg in args:
             sp.add_argument(f"--{arg.replace('_', '-')}", dest=arg, required=True)
         for arg, kw in flags.items():
@@ -344,14 +426,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``cropmap`` console script."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    params = json.loads(args.params)
-    try:
-        args.fn(args, params)
-    except CropmapError as exc:
-        print(f"cropmap {args.stage}: error: {exc}", file=sys.stderr)
-        return 1
-    return 0
+
+    def stage() -> None:
+        check_inputs(args)
+        args.fn(args, parse_params(args.params))
+
+    return run_stage(args.stage, stage, output_paths(args), Path(args.log) if args.log else None, args.verbose)
 
 
 if __name__ == "__main__":

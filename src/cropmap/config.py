@@ -10,6 +10,7 @@ method names it accepts come from the method registry (:mod:`cropmap.models.regi
 from __future__ import annotations
 
 import copy
+import difflib
 import glob as globmod
 import json
 from collections.abc import Iterator
@@ -42,7 +43,9 @@ def _with_defaults(cls: Any) -> Any:
                     instance[name] = copy.deepcopy(sub["default"])
         yield from validate_props(validator, properties, instance, schema)
 
-    return jsonschema.validators.extend(cls, {"properties": set_defaults})
+    # an integer key takes integers only (JSON schema also accepts 2.0, which breaks range())
+    integers = cls.TYPE_CHECKER.redefine("integer", lambda _checker, x: isinstance(x, int) and not isinstance(x, bool))
+    return jsonschema.validators.extend(cls, {"properties": set_defaults}, type_checker=integers)
 
 
 def _key_path(err: jsonschema.ValidationError) -> str:
@@ -54,9 +57,14 @@ def _one_line(err: jsonschema.ValidationError) -> str:
     key = _key_path(err)
     if err.validator == "additionalProperties":
         allowed = sorted(err.schema.get("properties", {}))
-        extra = sorted(set(err.instance) - set(allowed)) if isinstance(err.instance, dict) else []
-        hint = f"valid keys: {', '.join(allowed)}" if allowed else "remove it"
-        return f"config key {key}: unknown key(s) {', '.join(map(repr, extra))}; {hint}"
+        extra = sorted(map(str, set(err.instance) - set(allowed))) if isinstance(err.instance, dict) else []
+        if not extra:
+            return f"config key {key}: {err.message}"
+        named = extra[0] if key == "(top level)" else f"{key}.{extra[0]}"
+        close = difflib.get_close_matches(extra[0], allowed, n=1)
+        hint = (f"did you mean {close[0]!r}? " if close else "") + (f"valid keys: {', '.join(allowed)}" if allowed else "remove it")
+        more = f" (and {', '.join(map(repr, extra[1:]))})" if len(extra) > 1 else ""
+        return f"config key {named}: unknown key{more}; {hint}"
     if err.validator == "pattern" and err.schema.get("pattern") == "^[a-z0-9_-]+$":
         return f"config key {key}: {err.instance!r} is not a slug; use lower-case letters, digits, '_' and '-' only"
     if err.validator == "propertyNames":
@@ -66,7 +74,9 @@ def _one_line(err: jsonschema.ValidationError) -> str:
     if err.validator == "type":
         return f"config key {key}: {err.instance!r} should be of type {err.validator_value}"
     if err.validator == "required":
-        return f"config key {key}: {err.message}; add it (see cropmap/schemas/config.schema.yaml)"
+        missing = [r for r in err.validator_value if isinstance(err.instance, dict) and r not in err.instance][:1]
+        named = (missing[0] if key == "(top level)" else f"{key}.{missing[0]}") if missing else key
+        return f"config key {named}: missing, and it is required; add it (see cropmap/schemas/config.schema.yaml)"
     return f"config key {key}: {err.message}"
 
 
@@ -115,6 +125,9 @@ def validate(config: dict, schema: dict | None = None) -> dict:
             )
         raise ConfigError(_one_line(err))
     _check_semantics(config)
+    from cropmap import config_checks
+
+    config_checks.check(config)
     return config
 
 
@@ -197,13 +210,6 @@ def _check_region(config: dict, name: str, region: dict) -> None:
             region_grid(region)
         except InputDataError as exc:
             raise ConfigError(f"config key {key}.files: {exc}") from None
-    if region.get("bbox") is not None:
-        lon0, lat0, lon1, lat1 = region["bbox"]
-        if lon1 <= lon0 or lat1 <= lat0:
-            try:
-                Grid.from_bbox(region["bbox"])
-            except ConfigError as exc:
-                raise ConfigError(f"config key {key}.bbox: {exc}") from None
     try:
         season_months(region["season"]["start"], region["season"]["end"])
     except ConfigError as exc:
@@ -237,9 +243,21 @@ def region_source(region: dict, modality: str) -> str:
 
 
 def load(path: str | Path) -> dict:
-    """Read and validate a YAML config file."""
-    with open(path) as fh:
-        config = yaml.safe_load(fh) or {}
+    """Read and validate a YAML config file.
+
+    Raises:
+        ConfigError: the file is missing or not YAML (one line with the place), or a key is invalid.
+    """
+    try:
+        with open(path) as fh:
+            config = yaml.safe_load(fh) or {}
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the config ({exc.strerror or exc}); give the path of a YAML file") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else "somewhere"
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{path}: not valid YAML at {where} ({problem}); fix the indentation or quoting there") from None
     if not isinstance(config, dict):
         raise ConfigError(f"{path}: the config must be a mapping of keys (regions, classes, ...)")
     return validate(config)
@@ -374,7 +392,7 @@ def stage_params(config: dict, stage: str, region: str, method: str | None = Non
                        "model": {"method": config["model"]["method"], "task": config["model"]["task"],
                                  "trained_on": model_region(config, region)}}
     if stage == "area":
-        return {"region": region, "classes": config["classes"]}
+        return {"region": region, "grid": grid, "classes": config["classes"]}
     if stage == "metrics":
         return base | {"evaluation": config["evaluation"], "seed": config["seed"], "prediction": config["prediction"]}
     raise ValueError(f"unknown stage {stage!r}")
@@ -383,6 +401,11 @@ def stage_params(config: dict, stage: str, region: str, method: str | None = Non
 def _train_params(config: dict, base: dict[str, Any], method: str | None) -> dict[str, Any]:
     p = base | copy.deepcopy({k: config[k] for k in ("model", "training", "classes", "availability", "seed")})
     if method is not None:  # a run of the comparison protocol
+        if method != p["model"]["method"]:  # the options of model.method that this method takes
+            from cropmap.config_checks import method_options
+
+            takes = method_options(method)
+            p["model"]["options"] = {k: v for k, v in p["model"]["options"].items() if k in takes}
         p["model"]["method"] = method
         if config["compare"]["epochs"]:
             p["training"]["epochs"] = config["compare"]["epochs"]

@@ -28,12 +28,13 @@ import torch
 from torch.utils.data import Dataset
 from torchgeo.datasets import RasterDataset
 from torchgeo.samplers import GridGeoSampler
-from tqdm import tqdm
 
 from cropmap.availability import presence_stack
+from cropmap.errors import InputDataError, LabelError
 from cropmap.grid import Grid
 from cropmap.labels import NODATA, SPLITS
 from cropmap.modalities import TEMPORAL, band_descriptions, channels_per_step, resolve_bands
+from cropmap.progress import progress
 
 #: Label of pixels without a class in samples and chips (the loss ignores it).
 IGNORE_INDEX = -100
@@ -109,12 +110,25 @@ STACK_DATASETS: dict[str, type[StackDataset]] = {
 
 def open_stacks(stack_dir: Path, months: Sequence[str], modalities: Sequence[str],
                 bands: Mapping[str, Sequence[str]] | None = None) -> dict[str, StackDataset]:
-    """TorchGeo datasets for the modalities whose stack exists in ``stack_dir`` (``bands``: the config's)."""
-    return {
-        m: STACK_DATASETS[m](stack_dir / f"{m}.tif", months, (bands or {}).get(m))
-        for m in modalities
-        if (stack_dir / f"{m}.tif").exists()
-    }
+    """TorchGeo datasets for the modalities whose stack exists in ``stack_dir`` (``bands``: the config's).
+
+    Raises:
+        InputDataError: a stack has other bands than the datasets read (the configured bands of its
+            modality for every month).
+    """
+    out = {}
+    for m in modalities:
+        path = stack_dir / f"{m}.tif"
+        if not path.exists():
+            continue
+        want = band_descriptions(m, months, (bands or {}).get(m))
+        with rasterio.open(path) as src:
+            have = list(src.descriptions)
+        if have != want:
+            raise InputDataError(f"{path} has the bands {have[:2]}... ({len(have)}), this stage reads the configured {m} bands "
+                                 f"for every month ({len(want)}: {want[0]} ... {want[-1]}); rebuild the stack with these bands")
+        out[m] = STACK_DATASETS[m](path, months, (bands or {}).get(m))
+    return out
 
 
 def aligned_chips(label_ds: LabelRaster, grid: Grid, size: int) -> Iterator[tuple[int, int, tuple[slice, slice, slice]]]:
@@ -205,7 +219,7 @@ def sample_pixels(stack_dir: Path, labels_tif: Path, chips: pd.DataFrame, grid: 
     xs: dict[str, list[np.ndarray]] = {m: [] for m in modalities}
     masks, ys, sps = [], [], []
     labels_ds = LabelRaster(labels_tif)
-    for r in tqdm(chips.itertuples(), total=len(chips), desc="pixels", unit="chip"):
+    for r in progress(chips.itertuples(), "pixels", "chip", total=len(chips)):
         window = chosen[r.row : r.row + r.size, r.col : r.col + r.size]
         if not window.any():
             continue
@@ -225,7 +239,7 @@ def sample_pixels(stack_dir: Path, labels_tif: Path, chips: pd.DataFrame, grid: 
         ys.append(lab[0][sel].astype(np.int64))
         sps.append(lab[1][sel].astype(np.uint8))
     if not ys:
-        raise ValueError(f"{labels_tif}: no labelled pixel found in the chips; check the labels cover the region")
+        raise LabelError(f"{labels_tif}: no labelled pixel found in the chips; check the labels cover the region")
     return PixelSamples({m: np.concatenate(v).astype(np.float32) for m, v in xs.items()},
                         np.concatenate(masks), np.concatenate(ys), np.concatenate(sps), list(modalities))
 

@@ -28,3 +28,27 @@ def resolve_device(setting: str, key: str) -> torch.device:
             raise ConfigError(f"config key {key} is {setting!r} but no CUDA device is visible; set it to auto or cpu")
         return torch.device(setting)
     raise ConfigError(f"config key {key}: {setting!r} is not a device; use auto, cpu or cuda")
+
+
+def check_devices(devices: int | str, on_gpu: bool, key: str = "training.devices") -> None:
+    """Check a Lightning ``devices`` setting against where training runs.
+
+    Args:
+        devices: ``training.devices`` (a count, ``auto``, ``-1`` or GPU ids like ``0,1``).
+        on_gpu: whether training runs on CUDA (:func:`resolve_device`).
+        key: the config key, named in errors.
+
+    Raises:
+        ConfigError: more GPUs asked for than visible, or GPU ids for a CPU run.
+    """
+    from cropmap.config import gpu_count
+
+    if on_gpu:
+        want, have = gpu_count({"device": "cuda", "devices": devices}), torch.cuda.device_count()
+        if want > have:
+            raise ConfigError(f"config key {key}: {devices!r} asks for {want} GPUs, {have} visible; lower it")
+        return
+    text = str(devices).strip()
+    if not (text.isdigit() and int(text) >= 1):
+        raise ConfigError(f"config key {key}: {devices!r} is not a number of CPU processes, and training runs on "
+                          "the CPU (no CUDA device); give a count such as 1")

@@ -39,3 +39,18 @@ class InputDataError(CropmapError, ValueError):
 
     The one-line message names the file, what was found versus expected, and the fix.
     """
+
+
+class MissingParamError(ConfigError, KeyError):
+    """``cropmap <stage> --params`` lacks a key or is not a JSON object (a stage run by hand)."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; keep it readable.
+        return str(self.args[0]) if self.args else ""
+
+
+def brief(exc: BaseException, limit: int = 160) -> str:
+    """The first line of an exception's message, at most ``limit`` characters (its type when empty):
+    the part of a library's error that goes into a one-line cropmap error."""
+    text = str(exc).strip()
+    first = text.splitlines()[0] if text else type(exc).__name__
+    return first if len(first) <= limit else first[: limit - 3].rstrip() + "..."

@@ -143,12 +143,14 @@ class Grid:
             GridMismatchError: naming the file, what differs and ``fix``.
         """
         with rasterio.open(path) as src:
-            same_crs = CRS.from_user_input(src.crs) == CRS.from_user_input(self.crs) if src.crs else False
+            if src.crs is None:
+                raise GridMismatchError(f"{path} has no CRS (a damaged header, or not written on a region grid): {fix}")
+            same_crs = CRS.from_user_input(src.crs) == CRS.from_user_input(self.crs)
             if not same_crs or src.width != self.width or src.height != self.height or not src.transform.almost_equals(self.transform, precision=1e-6):
                 t = src.transform
                 raise GridMismatchError(
                     f"{path} is not on its region's grid (file: {src.crs} {src.width}x{src.height} px, origin "
-                    f"({t.c:.1f}, {t.f:.1f}), {t.a:g} m; grid: {self.crs} {self.width}x{self.height} px, origin "
+                    f"({t.c:.10g}, {t.f:.10g}), {t.a:.6g} m; grid: {self.crs} {self.width}x{self.height} px, origin "
                     f"({self.xmin:.1f}, {self.ymax:.1f}), {self.res:g} m): {fix}"
                 )
 

@@ -19,7 +19,7 @@ import numpy as np
 import rasterio
 from rasterio.features import rasterize
 
-from cropmap.errors import LabelError
+from cropmap.errors import LabelError, brief
 from cropmap.grid import Grid
 from cropmap.io import atomic_path
 from cropmap.splits import block_counts, group_splits
@@ -68,7 +68,7 @@ def read_labels(path: Path, column: str, classes: Sequence[dict], grid: Grid, la
         else:
             gdf = gpd.read_file(path, layer=layer) if layer else gpd.read_file(path)
     except Exception as exc:  # pyogrio raises several types
-        raise LabelError(f"{path}: cannot read the label file ({str(exc).splitlines()[0]}); give a GeoPackage, GeoJSON, GeoParquet or Shapefile") from None
+        raise LabelError(f"{path}: cannot read the label file ({brief(exc)}); give a GeoPackage, GeoJSON, GeoParquet or Shapefile") from None
     if column not in gdf.columns:
         raise LabelError(f"{path}: no column {column!r} (columns: {[c for c in gdf.columns if c != 'geometry']}); set labels.column in config")
     if gdf.crs is None:
@@ -142,29 +142,37 @@ def run(
     """
     fractions = fractions or {"train": 0.7, "val": 0.15, "test": 0.15}
     gdf = read_labels(vector, column, classes, grid, layer)
+    if not len(gdf):
+        raise LabelError(f"{vector}: no fields with a geometry{f' in layer {layer!r}' if layer else ''}; "
+                         "give a label file (or labels.layer) that holds the region's fields")
     cls = rasterize(
         ((g, int(c)) for g, c in zip(gdf.geometry, gdf["class_id"], strict=True)),
         out_shape=grid.shape, transform=grid.transform, fill=NODATA, dtype="uint8",
-    ) if len(gdf) else np.full(grid.shape, NODATA, np.uint8)
+    )
+    if not (cls != NODATA).any():
+        raise LabelError(f"{vector}: none of its {len(gdf)} fields covers a pixel of the region's grid "
+                         f"({grid.crs}, bounds {tuple(round(v) for v in grid.bounds)}); check the file covers the "
+                         "region's bbox and carries the right CRS")
     try:
         split = region_splits(cls, grid, block_size, fractions, seed, chip_size=chip_size)
     except LabelError as exc:
         raise LabelError(f"{vector}: {exc}") from None
-    prof = grid.profile(2, dtype="uint8", nodata=NODATA)
-    with atomic_path(out_tif) as tmp, rasterio.open(tmp, "w", **prof) as dst:
-        dst.write(cls, 1)
-        dst.write(split, 2)
-        dst.descriptions = ("class", "split")
-        dst.write_colormap(1, colormap(classes))
-        dst.update_tags(1, **{f"class_{c['id']}": c["name"] for c in classes})
-        dst.update_tags(2, split_values="0=train,1=val,2=test")
+    counts = split_counts(cls, split)
+    log.info("labelled pixels per split: %s", counts)
     # split of each polygon: the block of its representative point
     pts = gdf.geometry.representative_point()
     col = ((pts.x - grid.xmin) // grid.res).clip(0, grid.width - 1).astype(int)
     row = ((grid.ymax - pts.y) // grid.res).clip(0, grid.height - 1).astype(int)
     gdf = gdf.assign(split=[SPLITS[split[r, c]] for r, c in zip(row, col, strict=True)])
-    with atomic_path(out_gpkg) as tmp:
-        gdf.to_file(tmp, driver="GPKG", layer="labels")
-    counts = split_counts(cls, split)
-    log.info("labelled pixels per split: %s", counts)
+    prof = grid.profile(2, dtype="uint8", nodata=NODATA)
+    # both files are written only once everything is known to be fine, each atomically
+    with atomic_path(out_tif) as tmp_tif, atomic_path(out_gpkg) as tmp_gpkg:
+        with rasterio.open(tmp_tif, "w", **prof) as dst:
+            dst.write(cls, 1)
+            dst.write(split, 2)
+            dst.descriptions = ("class", "split")
+            dst.write_colormap(1, colormap(classes))
+            dst.update_tags(1, **{f"class_{c['id']}": c["name"] for c in classes})
+            dst.update_tags(2, split_values="0=train,1=val,2=test")
+        gdf.to_file(tmp_gpkg, driver="GPKG", layer="labels")
     return counts

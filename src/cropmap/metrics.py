@@ -17,7 +17,6 @@ import numpy as np
 import pandas as pd
 import torch
 from sklearn.metrics import accuracy_score, f1_score
-from tqdm import tqdm
 
 from cropmap.area import confusion_long
 from cropmap.datasets import IGNORE_INDEX, ChipDataset, PixelSamples, sample_pixels
@@ -25,6 +24,7 @@ from cropmap.grid import Grid
 from cropmap.io import atomic_path
 from cropmap.predict import Predictor
 from cropmap.predict.bundle import bundle_bands
+from cropmap.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +146,7 @@ def subset_table(predictor: Predictor, batches: list[dict[str, torch.Tensor]], y
     valid = y != IGNORE_INDEX
     rows = []
     confusion: list[tuple] = []
-    for sub in tqdm(subsets(region_mods), desc="subsets", unit="subset"):
+    for sub in progress(subsets(region_mods), "subsets", "subset"):
         keep = [m in sub for m in mods]
         pred = _predict_batches(predictor, batches, keep).ravel() if batches else np.zeros(0, np.int64)
         rows.append({"subset": subset_name(sub), "n_modalities": len(sub), "n": int(valid.sum()),

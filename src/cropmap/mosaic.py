@@ -25,12 +25,12 @@ import rasterio
 from rasterio.windows import Window
 from rio_cogeo.cogeo import cog_translate, cog_validate
 from rio_cogeo.profiles import cog_profiles
-from tqdm import tqdm
 
 from cropmap.grid import Grid
 from cropmap.io import atomic_path
 from cropmap.labels import NODATA, colormap
 from cropmap.modalities import MODALITIES
+from cropmap.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ def mosaic_to_cog(tiles: Sequence[Path], out: Path, grid: Grid, classes: Sequenc
         with_proba = proba_out is not None and n_bands > 3
         with rasterio.open(mos, "w", **prof) as dst:
             pdst = rasterio.open(pmos, "w", **grid.profile(n_bands - 3, dtype="uint8", nodata=None)) if with_proba else None
-            for t in tqdm(tiles, desc="mosaic", unit="tile"):
+            for t in progress(tiles, "mosaic", "tile"):
                 win = tile_offsets(t, grid)
                 with rasterio.open(t) as src:
                     data = src.read()

@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader
 
 from cropmap.datasets import ChipDataset
 from cropmap.device import resolve_device
+from cropmap.errors import InputDataError
 from cropmap.grid import Grid
 from cropmap.io import atomic_path
 from cropmap.models.imt import build_encoder, imt_config
@@ -124,7 +125,7 @@ def run(
     if present:
         chips = chips[(chips[present] > 0).any(axis=1)]
     if chips.empty:
-        raise ValueError(
+        raise InputDataError(
             f"{chips_parquet}: no chip with a present modality outside the splits {list(exclude_splits)}; nothing to pretrain on"
         )
     ds = ChipDataset(

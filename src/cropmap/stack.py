@@ -30,12 +30,12 @@ from affine import Affine
 from pyproj import CRS, Transformer
 from rasterio.errors import RasterioIOError
 from rasterio.windows import Window
-from tqdm import tqdm
 
-from cropmap.errors import ConfigError, CorruptRasterError, GridMismatchError
+from cropmap.errors import ConfigError, CorruptRasterError, GridMismatchError, brief
 from cropmap.grid import Grid, pixel_windows
 from cropmap.io import atomic_path
 from cropmap.modalities import TEMPORAL, band_descriptions
+from cropmap.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ def warp_window(raw: str, grid: dict, row: int, col: int, height: int, width: in
             block = _to_nan(src.read(indexes=list(indexes) if indexes else None, window=Window(c0, r0, c1 - c0 + 1, r1 - r0 + 1),
                                      out_dtype="float64"), nodata)
     except RasterioIOError as exc:
-        raise CorruptRasterError(f"{raw} is truncated or corrupt ({str(exc).splitlines()[0]}): delete it and rerun the fetch") from None
+        raise CorruptRasterError(f"{raw} is truncated or corrupt ({brief(exc)}): delete it and rerun the fetch") from None
     num = np.zeros_like(out)
     wsum = np.zeros(out.shape, np.float64)
     for di, dj, w in ((0, 0, (1 - fu) * (1 - fv)), (1, 0, fu * (1 - fv)), (0, 1, (1 - fu) * fv), (1, 1, fu * fv)):
@@ -214,7 +214,7 @@ def stack_modality(raw: Path, out: Path, grid: Grid, modality: str, months: Sequ
         with rasterio.open(raw) as src:
             indexes = raw_band_indexes(raw, list(src.descriptions), src.count, expected, modality)
     except RasterioIOError as exc:
-        raise CorruptRasterError(f"{raw} is truncated or corrupt ({str(exc).splitlines()[0]}): delete it and rerun the fetch") from None
+        raise CorruptRasterError(f"{raw} is truncated or corrupt ({brief(exc)}): delete it and rerun the fetch") from None
     n = len(expected)
     chunk = aligned_chunk(grid, chunk, n)
     windows = pixel_windows(grid, chunk)
@@ -224,7 +224,7 @@ def stack_modality(raw: Path, out: Path, grid: Grid, modality: str, months: Sequ
         blocks = ((w, warp_window(str(raw), grid.to_dict(), *w, indexes)) for w in windows)
     with atomic_path(out) as tmp, rasterio.open(tmp, "w", **grid.profile(n)) as dst:
         dst.descriptions = tuple(expected)
-        for (r, c, h, w), arr in tqdm(blocks, total=len(windows), desc=f"stack {modality}", unit="chunk", leave=False):
+        for (r, c, h, w), arr in progress(blocks, f"stack {modality}", "chunk", total=len(windows)):
             dst.write(arr, window=Window(c, r, w, h))
     return out
 

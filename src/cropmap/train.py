@@ -1,8 +1,9 @@
 """Stage ``train``: fit a co-learning model (pixel classification or chip segmentation).
 
 Lightning drives the loop: CUDA with bf16 autocast when a GPU is present, CPU otherwise,
-seeded, early stopping on the validation split (never the test split), a progress bar,
-and ``last.ckpt`` after every epoch so a killed run resumes where it stopped. The final
+seeded, early stopping on the validation split (never the test split), a progress bar on a
+terminal (one line per epoch in a log), and ``last.ckpt`` after every epoch so a killed run
+resumes where it stopped. The final
 ``model.ckpt`` is a plain ``torch.save`` bundle (:mod:`cropmap.predict.bundle`): weights, the
 factory arguments, the normalisation statistics, the class table, modalities and months.
 ``train_summary.json`` (also inside the bundle) says how training went, with the per-epoch
@@ -39,7 +40,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from cropmap.datasets import ChipDataset, PixelSamples, sample_pixels
-from cropmap.device import resolve_device
+from cropmap.device import check_devices, resolve_device
+from cropmap.errors import LabelError
 from cropmap.grid import Grid
 from cropmap.io import atomic_path
 from cropmap.io import fingerprint as io_fingerprint
@@ -47,6 +49,7 @@ from cropmap.modalities import channels_per_step, resolve_bands
 from cropmap.models import build_model
 from cropmap.normalize import Normalizer, fit_stats
 from cropmap.predict.bundle import save_bundle
+from cropmap.progress import on_terminal
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +140,9 @@ class EpochHistory(Callback):
             if k.startswith(("train/", "val_")):
                 row[k] = float(v)
         self.history.append(row)
+        if trainer.is_global_zero:  # the one line per epoch of a log (no progress bar there)
+            log.info("epoch %d/%d: %s", trainer.current_epoch + 1, trainer.max_epochs,
+                     ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "epoch"))
 
     def state_dict(self) -> dict[str, Any]:
         return {"history": [dict(r) for r in self.history]}
@@ -358,7 +364,7 @@ def run(settings: TrainSettings, stack_dir: Path, labels_tif: Path, chips_parque
     train_ds = ChipDataset(*args, tr, grid, settings.months, settings.modalities, settings.min_valid_fraction, settings.bands)
     val_ds = ChipDataset(*args, va, grid, settings.months, settings.modalities, settings.min_valid_fraction, settings.bands)
     if len(tr) == 0 or len(va) == 0:
-        raise ValueError(f"{labels_tif}: {len(tr)} training and {len(va)} validation chips with labels; enlarge the region or lower split.block_size")
+        raise LabelError(f"{labels_tif}: {len(tr)} training and {len(va)} validation chips with labels; enlarge the region or lower split.block_size")
     return fit(settings, train_ds, val_ds, chip_stats(train_ds, 256, settings.seed),
                balanced_weights(chip_labels(train_ds), n_classes(settings.classes)), out_ckpt, work_dir, inputs=inputs,
                summary_json=summary_json)
@@ -391,7 +397,8 @@ def fit_pixels(settings: TrainSettings, train_s: PixelSamples, val_s: PixelSampl
     files the samples came from (a checkpoint is resumed only if they did not change).
     """
     if len(train_s) == 0 or len(val_s) == 0:
-        raise ValueError(f"{len(train_s)} training and {len(val_s)} validation pixels: both splits need labelled samples")
+        raise LabelError(f"{len(train_s)} training and {len(val_s)} validation pixels with a sensor: both splits need labelled samples; "
+                         "check the labels cover the region where its stacks have data")
     stats = fit_stats(train_s.x, "pixels")
     weights = balanced_weights(train_s.y, n_classes(settings.classes))
     return fit(settings, PixelDataset(train_s), PixelDataset(val_s), stats, weights, out_ckpt, work_dir, inputs=inputs,
@@ -409,6 +416,7 @@ def fit(settings: TrainSettings, train_ds: Dataset, val_ds: Dataset, stats: dict
     L.seed_everything(settings.seed, workers=True)
     n_train, n_val = len(train_ds), len(val_ds)  # type: ignore[arg-type]
     acc = accelerator(settings.device)
+    check_devices(settings.devices, on_gpu=acc == "gpu")
     prec = precision(settings.precision, acc)
     module = CoLearningModule(settings.model_kwargs(), stats, settings.lr, weights)
     loader_kw: dict[str, Any] = {"num_workers": settings.num_workers, "persistent_workers": settings.num_workers > 0}
@@ -426,7 +434,7 @@ def fit(settings: TrainSettings, train_ds: Dataset, val_ds: Dataset, stats: dict
         precision=prec,  # type: ignore[arg-type]
         callbacks=[history, ckpt_cb, EarlyStopping("val_loss", patience=settings.patience, mode="min")],
         default_root_dir=work_dir, logger=L.pytorch.loggers.CSVLogger(work_dir, name="logs", version=0),
-        deterministic=acc == "cpu", enable_progress_bar=True, log_every_n_steps=10, enable_model_summary=False,
+        deterministic=acc == "cpu", enable_progress_bar=on_terminal(), log_every_n_steps=10, enable_model_summary=False,
         use_distributed_sampler=False,  # EpochShuffleSampler shards by rank itself
     )
     if resume:

@@ -28,6 +28,7 @@ from cropmap.config import (
     uses_pretraining,
     validate,
 )
+from cropmap.config_checks import check_local_devices
 from cropmap.errors import ConfigError
 from cropmap.grid import tiles as tile_names
 
@@ -35,6 +36,16 @@ try:
     validate(config)
 except ConfigError as exc:
     sys.exit(f"cropmap: invalid config: {exc}")
+
+
+onstart:
+    # Whether CUDA is there is known only where the jobs run: here when they run locally (on a
+    # cluster every job checks its own node, cropmap.device.resolve_device).
+    if workflow.local_exec:
+        try:
+            check_local_devices(config)
+        except ConfigError as exc:
+            sys.exit(f"cropmap: invalid config: {exc}")
 
 # The software environment of every rule (--software-deployment-method conda), relative to the
 # rule files in workflow/rules.

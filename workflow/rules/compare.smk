@@ -16,8 +16,8 @@ rule fold:
         mem_mb=2000,
         runtime=10,
     shell:
-        "python -m cropmap fold --params {params.p:q} --inputs {input:q} --fold {wildcards.fold} --out-dir {output:q}"
-        " > {log:q} 2>&1"
+        "python -m cropmap fold --params {params.p:q} --inputs {input:q} --fold {wildcards.fold:q} --out-dir {output:q}"
+        " --log {log:q}"
 
 
 use rule train as train_compare with:
@@ -43,7 +43,7 @@ use rule metrics as metrics_compare with:
         confusion=f"{RESULTS}/compare/{{region}}/fold{{fold}}/{{method}}_{{task}}_confusion.csv",
     params:
         p=params_json("metrics"),
-        tags=lambda wc: f"--tag region={wc.region} --tag fold={wc.fold} --tag method={wc.method}",
+        tags=lambda wc: ["--tag", f"region={wc.region}", "--tag", f"fold={wc.fold}", "--tag", f"method={wc.method}"],
     log:
         f"logs/{{region}}/compare/fold{{fold}}/metrics_{{method}}_{{task}}.log",
 
@@ -86,5 +86,5 @@ rule compare:
         mem_mb=1000,
         runtime=10,
     shell:
-        "python -m cropmap compare --parts {input} --table {output.table} --summary {output.summary}"
-        " --heatmap {output.heatmap} > {log} 2>&1"
+        "python -m cropmap compare --parts {input:q} --table {output.table:q} --summary {output.summary:q}"
+        " --heatmap {output.heatmap:q} --log {log:q}"

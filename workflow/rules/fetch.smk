@@ -18,5 +18,5 @@ rule fetch:
         mem_mb=4000,
         runtime=120,
     shell:
-        "python -m cropmap fetch --params {params.p:q} --raw-dir {output.raw} --cache-dir {params.cache}"
-        " --availability {output.availability} > {log} 2>&1"
+        "python -m cropmap fetch --params {params.p:q} --raw-dir {output.raw:q} --cache-dir {params.cache:q}"
+        " --availability {output.availability:q} --log {log:q}"

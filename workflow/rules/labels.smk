@@ -16,8 +16,8 @@ rule labels:
         mem_mb=2000,
         runtime=30,
     shell:
-        "python -m cropmap labels --params {params.p:q} --raw-dir {input.raw} --out-tif {output.tif}"
-        " --out-gpkg {output.gpkg} > {log} 2>&1"
+        "python -m cropmap labels --params {params.p:q} --raw-dir {input.raw:q} --out-tif {output.tif:q}"
+        " --out-gpkg {output.gpkg:q} --log {log:q}"
 
 
 rule chips:
@@ -38,5 +38,5 @@ rule chips:
         mem_mb=2000,
         runtime=30,
     shell:
-        "python -m cropmap chips --params {params.p:q} --stack-dir {input.stack} --labels {input.labels}"
-        " --out {output} > {log} 2>&1"
+        "python -m cropmap chips --params {params.p:q} --stack-dir {input.stack:q} --labels {input.labels:q}"
+        " --out {output:q} --log {log:q}"

@@ -20,7 +20,7 @@ rule mosaic:
         **({"proba": f"{RESULTS}/{{region}}/probabilities.tif"} if PROBABILITIES else {}),
     params:
         p=params_json("mosaic"),
-        proba=lambda wc: f"--proba {RESULTS}/{wc.region}/probabilities.tif" if PROBABILITIES else "",
+        proba=lambda wc: ["--proba", f"{RESULTS}/{wc.region}/probabilities.tif"] if PROBABILITIES else [],
     log:
         f"logs/{{region}}/mosaic.log",
     conda:
@@ -31,7 +31,7 @@ rule mosaic:
         runtime=30,
     shell:
         "python -m cropmap mosaic --params {params.p:q} --tiles {input.tiles:q} --model {input.model:q} --out {output.map:q}"
-        " --quicklook {output.quicklook:q} --stac {output.stac:q} {params.proba} > {log:q} 2>&1"
+        " --quicklook {output.quicklook:q} --stac {output.stac:q} {params.proba:q} --log {log:q}"
 
 
 rule maps:
@@ -63,4 +63,4 @@ rule expected_f1:
         mem_mb=1000,
         runtime=10,
     shell:
-        "python -m cropmap expected_f1 --map {input.map} --metrics {input.metrics} --out {output} > {log} 2>&1"
+        "python -m cropmap expected_f1 --map {input.map:q} --metrics {input.metrics:q} --out {output:q} --log {log:q}"

@@ -17,5 +17,5 @@ rule predict:
         runtime=60,
         gpu=gpus(config["prediction"]),
     shell:
-        "OMP_NUM_THREADS={threads} python -m cropmap predict --params {params.p:q} --model {input.model}"
-        " --stack-dir {input.stack} --tile {wildcards.tile} --out {output} > {log} 2>&1"
+        "OMP_NUM_THREADS={threads} python -m cropmap predict --params {params.p:q} --model {input.model:q}"
+        " --stack-dir {input.stack:q} --tile {wildcards.tile:q} --out {output:q} --log {log:q}"

@@ -21,7 +21,7 @@ rule metrics:
         ),
     params:
         p=params_json("metrics"),
-        tags="",
+        tags=[],
     log:
         f"logs/{{region}}/metrics.log",
     conda:
@@ -32,7 +32,7 @@ rule metrics:
         runtime=60,
     shell:
         "python -m cropmap metrics --params {params.p:q} --model {input.model:q} --inputs {input:q}"
-        " --out {output.metrics:q} --confusion {output.confusion:q} {params.tags} > {log:q} 2>&1"
+        " --out {output.metrics:q} --confusion {output.confusion:q} {params.tags:q} --log {log:q}"
 
 
 rule area:
@@ -61,8 +61,8 @@ rule area:
         mem_mb=1000,
         runtime=10,
     shell:
-        "python -m cropmap area --params {params.p:q} --map {input.map} --labels {input.labels}"
-        " --out-csv {output.csv} --out-json {output.json} > {log} 2>&1"
+        "python -m cropmap area --params {params.p:q} --map {input.map:q} --labels {input.labels:q}"
+        " --out-csv {output.csv:q} --out-json {output.json:q} --log {log:q}"
 
 
 rule coverage:
@@ -89,8 +89,8 @@ rule coverage:
         mem_mb=1000,
         runtime=10,
     shell:
-        "python -m cropmap coverage --params {params.p:q} --map {input.map} --stack-dir {input.stack}"
-        " --out {output} > {log} 2>&1"
+        "python -m cropmap coverage --params {params.p:q} --map {input.map:q} --stack-dir {input.stack:q}"
+        " --out {output:q} --log {log:q}"
 
 
 rule report:
@@ -125,4 +125,4 @@ rule report:
         mem_mb=1000,
         runtime=10,
     shell:
-        "python -m cropmap report --regions {params.regions:q} --compare {params.compare} --out {output} > {log} 2>&1"
+        "python -m cropmap report --regions {params.regions:q} --compare {params.compare:q} --out {output:q} --log {log:q}"

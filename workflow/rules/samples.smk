@@ -16,4 +16,4 @@ rule samples:
         mem_mb=4000,
         runtime=30,
     shell:
-        "python -m cropmap samples --params {params.p:q} --out {output:q} > {log:q} 2>&1"
+        "python -m cropmap samples --params {params.p:q} --out {output:q} --log {log:q}"

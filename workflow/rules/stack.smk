@@ -15,5 +15,5 @@ rule stack:
         mem_mb=4000,
         runtime=60,
     shell:
-        "python -m cropmap stack --params {params.p:q} --raw-dir {input.raw} --out-dir {output} --threads {threads}"
-        " > {log} 2>&1"
+        "python -m cropmap stack --params {params.p:q} --raw-dir {input.raw:q} --out-dir {output:q} --threads {threads}"
+        " --log {log:q}"

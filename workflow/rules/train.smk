@@ -18,8 +18,8 @@ rule pretrain:
         runtime=240,
         gpu=min(1, gpus(config["training"])),  # pretraining uses one device
     shell:
-        "CROPMAP_THREADS={threads} python -m cropmap pretrain --params {params.p:q} --stack-dir {input.stack}"
-        " --labels {input.labels} --chips {input.chips} --out {output} > {log} 2>&1"
+        "CROPMAP_THREADS={threads} python -m cropmap pretrain --params {params.p:q} --stack-dir {input.stack:q}"
+        " --labels {input.labels:q} --chips {input.chips:q} --out {output:q} --log {log:q}"
 
 
 rule train:
@@ -43,5 +43,5 @@ rule train:
         runtime=240,
         gpu=gpus(config["training"]),
     shell:
-        "CROPMAP_THREADS={threads} python -m cropmap train --params {params.p:q} --task {wildcards.task}"
-        " --inputs {input:q} --out {output.ckpt:q} --summary {output.summary:q} --work-dir {params.work:q} > {log:q} 2>&1"
+        "CROPMAP_THREADS={threads} python -m cropmap train --params {params.p:q} --task {wildcards.task:q}"
+        " --inputs {input:q} --out {output.ckpt:q} --summary {output.summary:q} --work-dir {params.work:q} --log {log:q}"

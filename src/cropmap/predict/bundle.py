@@ -4,14 +4,17 @@ Keys: ``state_dict`` (the model's weights under ``model.*`` and the normalisatio
 ``norm.*``), ``model_kwargs`` (the :func:`cropmap.models.build_model` arguments), ``stats``
 (per-channel z-scores), ``classes``, ``modalities``, ``months``, ``task``,
 ``min_valid_fraction``, ``class_weights``, ``summary`` (the training summary), ``temporal``
-(per modality, whether it has a time axis) and ``bands`` (per modality, the bands of each time
-step; :func:`bundle_bands` reads it, also from bundles written before it existed).
+(per modality, whether it has a time axis), ``bands`` (per modality, the bands of each time
+step; :func:`bundle_bands` reads it, also from bundles written before it existed) and
+``sha256`` (:func:`weights_digest`, checked on load).
 :func:`check_stacks` checks that a region's stacks are what the model was trained on. :func:`save_bundle` writes it (the ``train``
 stage), :func:`load_bundle` rebuilds the model from the factory without Lightning.
 """
 
 from __future__ import annotations
 
+import hashlib
+import pickle
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -19,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from cropmap.errors import InputDataError, brief
 from cropmap.io import atomic_path
 from cropmap.modalities import TEMPORAL, resolve_bands
 from cropmap.models import build_model
@@ -54,9 +58,22 @@ def save_bundle(out: Path, model: nn.Module, norm: Normalizer, *, model_kwargs: 
         "class_weights": class_weights, "summary": dict(summary),
         "temporal": {m: TEMPORAL[m] for m in modalities},
         "bands": {m: list(resolve_bands(bands)[m]) for m in modalities},
+        "sha256": weights_digest(state),
     }
     with atomic_path(out) as tmp:
         torch.save(bundle, tmp)
+
+
+def weights_digest(state: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 of a state dict's names and tensor bytes: :func:`load_bundle` refuses a bundle
+    whose weights were damaged on disk (a zip entry of ``torch.save`` has no checksum read back)."""
+    h = hashlib.sha256()
+    for key in sorted(state):
+        t = state[key].detach().cpu().contiguous().reshape(-1)
+        h.update(key.encode())
+        h.update(str(t.dtype).encode())
+        h.update(t.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def load_bundle(path: Path, device: str | torch.device = "cpu") -> tuple[nn.Module, Normalizer, dict]:
@@ -66,7 +83,16 @@ def load_bundle(path: Path, device: str | torch.device = "cpu") -> tuple[nn.Modu
         ``(model, normaliser, bundle)``; ``bundle`` is the whole dictionary (see the module
         docstring).
     """
-    bundle = torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        bundle = torch.load(path, map_location="cpu", weights_only=False)
+        if not isinstance(bundle, dict) or not {"model_kwargs", "state_dict", "stats"} <= set(bundle):
+            raise ValueError("not a cropmap model bundle")
+    except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError, AttributeError, ImportError) as exc:
+        raise InputDataError(f"{path} is not a readable cropmap model ({type(exc).__name__}: {brief(exc)}): "
+                                 "delete it and rerun snakemake so the train stage writes it again") from None
+    if "sha256" in bundle and weights_digest(bundle["state_dict"]) != bundle["sha256"]:  # older bundles have none
+        raise InputDataError(f"{path}: its weights do not match their checksum (the file was damaged on disk); "
+                             "delete it and rerun snakemake so the train stage writes it again")
     weights = bundle["class_weights"]
     model = build_model(**bundle["model_kwargs"],
                         class_weights=torch.tensor(weights, dtype=torch.float32) if weights else None)
@@ -75,7 +101,7 @@ def load_bundle(path: Path, device: str | torch.device = "cpu") -> tuple[nn.Modu
     for key, value in bundle["state_dict"].items():
         head, _, rest = key.partition(".")
         if head not in parts:
-            raise ValueError(f"{path}: unexpected weight {key!r}; is it a cropmap model.ckpt?")
+            raise InputDataError(f"{path}: unexpected weight {key!r}; is it a cropmap model.ckpt?")
         parts[head][rest] = value
     model.load_state_dict(parts["model"])
     norm.load_state_dict(parts["norm"])

@@ -8,7 +8,6 @@ Generic (nothing here knows about models or rasters): :mod:`cropmap.predict.pixe
 from __future__ import annotations
 
 import contextlib
-import os
 import queue
 import threading
 from collections import OrderedDict, deque
@@ -16,7 +15,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-from tqdm import tqdm
+from cropmap.progress import Progress
 
 
 class CellCache:
@@ -126,7 +125,7 @@ def prefetch(units: Iterable[Any], produce: Callable[[Any, Callable[[Any], None]
         ex.shutdown(wait=True, cancel_futures=True)
 
 
-def progress_bar(total: int, enabled: bool, desc: str) -> tqdm:
-    """A progress bar over ``total`` read units (off when ``TQDM_DISABLE`` is set)."""
-    disable = not enabled or os.environ.get("TQDM_DISABLE", "").lower() in ("1", "true")
-    return tqdm(total=total, desc=desc, unit="block", disable=disable, leave=False)
+def progress_bar(total: int, enabled: bool, desc: str) -> Progress:
+    """Progress over ``total`` read units: a bar on a terminal, a few lines in a log
+    (:class:`cropmap.progress.Progress`; nothing when not ``enabled`` or ``TQDM_DISABLE`` is set)."""
+    return Progress(total, desc, "block", enabled=enabled)
