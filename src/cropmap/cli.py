@@ -103,7 +103,7 @@ def cmd_predict(a: argparse.Namespace, p: dict[str, Any]) -> None:
     _checked_stacks(a, p, window=tile_window(_grid(p), a.tile, pr["tile_size"]))
     predict.run(Path(a.model), Path(a.stack_dir), _grid(p), a.tile, Path(a.out), tile_size=pr["tile_size"],
                 modalities=p["modalities"], chip_size=p["chip_size"], overlap=pr["overlap"], batch_size=pr["batch_size"],
-                device=pr["device"], probabilities=pr["probabilities"])
+                device=pr["device"], probabilities=pr["probabilities"], precision=pr["precision"])
 
 
 def cmd_mosaic(a: argparse.Namespace, p: dict[str, Any]) -> None:
@@ -133,7 +133,8 @@ def cmd_metrics(a: argparse.Namespace, p: dict[str, Any]) -> None:
     ev = p["evaluation"]
     df = metrics.evaluate(Path(a.model), Path(a.stack_dir), Path(a.labels), Path(a.chips), _grid(p),
                          max_pixels_per_class=ev["max_pixels_per_class"], seed=p["seed"],
-                         device=p["prediction"]["device"], batch_size=p["prediction"]["batch_size"])
+                         device=p["prediction"]["device"], batch_size=p["prediction"]["batch_size"],
+                         precision=p["prediction"]["precision"])
     for tag in a.tag:
         key, _, value = tag.partition("=")
         df.insert(0, key, value)

@@ -64,13 +64,17 @@ def _predict_batches(predictor: Predictor, batches: list[dict[str, torch.Tensor]
 
 
 def evaluate(ckpt: Path, stack_dir: Path, labels_tif: Path, chips_parquet: Path, grid: Grid, *,
-             max_pixels_per_class: int, seed: int, device: str = "auto", batch_size: int = 8192) -> pd.DataFrame:
+             max_pixels_per_class: int, seed: int, device: str = "auto", batch_size: int = 8192,
+             precision: str = "auto") -> pd.DataFrame:
     """Metrics per modality subset on the test split (pixels where every region modality is present).
+
+    The model is applied as the ``predict`` stage applies it (:class:`~cropmap.predict.Predictor`,
+    same ``device`` and ``precision``), so the scores are those of the map's model.
 
     Returns:
         One row per subset: ``subset, n_modalities, n, f1_weighted, f1_macro, accuracy``.
     """
-    predictor = Predictor(ckpt, device, batch_size)
+    predictor = Predictor(ckpt, device, batch_size, precision=precision)
     mods = predictor.modalities
     months = predictor.bundle["months"]
     mvf = predictor.min_valid_fraction
