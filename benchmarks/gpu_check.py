@@ -128,7 +128,7 @@ def demo_maps(args: argparse.Namespace) -> str:
         cfg["regions"] = {"quick": dict(region, bbox=QUICK_BBOX)}
         cfg["split"] = {"block_size": 32}
         cfg["training"].update(epochs=1, pixels_per_class=150, batch_size=128)
-        cfg["prediction"]["tile_size"] = 64
+        cfg["prediction"]["tile_size"] = 128  # one tile: one predict job
     with tempfile.TemporaryDirectory(dir=C.BENCH, prefix="gpucheck-maps.") as tmp:
         wd = Path(tmp)
         for key, sub in (("data_dir", "data"), ("results_dir", "results"), ("models_dir", "models")):
