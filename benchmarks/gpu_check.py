@@ -114,7 +114,7 @@ def predict_throughput(task: str, cfg: dict, ckpt: Path, grid: object, stack_dir
     with tempfile.TemporaryDirectory(dir=C.BENCH, prefix="gpucheck.") as tmp:
         b = PT.pipeline(ckpt, stack_dir, grid, ns, cfg, Path(tmp))  # type: ignore[arg-type]
     dtype = Predictor(ckpt, args.device, threads=args.threads).dtype
-    return (f"predict task={task} precision={'fp32' if dtype is None else str(dtype).removeprefix('torch.')}: "
+    return (f"predict task={task} precision={'fp32' if dtype is None else 'bf16'}: "
             f"model {a:8.4f} Mpx/s  pipeline {b:8.4f} Mpx/s  pipeline_vs_model={b / a:.2f} {peak_memory(args.device)}")
 
 

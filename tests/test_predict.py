@@ -187,9 +187,10 @@ def test_inference_rewrites_keep_the_function(tmp_path: Path, task: str, method:
 def test_precision_setting_picks_the_autocast_dtype(monkeypatch: pytest.MonkeyPatch) -> None:
     cpu = torch.device("cpu")
     assert compute_dtype("fp32", cpu) is None and compute_dtype("bf16", cpu) == torch.bfloat16
-    for native in (True, False):  # auto: bf16 only where the CPU multiplies bf16 in hardware
+    for native in (True, False):  # auto: bf16 only where the CPU multiplies bf16 in hardware, and not for chips
         monkeypatch.setattr(predictor_module, "native_bf16", lambda device, native=native: native)
         assert compute_dtype("auto", cpu) == (torch.bfloat16 if native else None)
+        assert compute_dtype("auto", cpu, "segmentation") is None
     with pytest.raises(ConfigError, match=r"prediction\.precision: 'fp16'.*auto, fp32, bf16"):
         compute_dtype("fp16", cpu)
 

@@ -285,21 +285,6 @@ def test_report_shows_the_summary_of_the_model_that_mapped_a_region(run: Path) -
     assert f"{cfg['models_dir']}/borrower/" not in text, "a region with model_from trains no model"
 
 
-def precision_check(workdir: Path) -> dict[str, float]:
-    """``benchmarks/predict_precision.py`` (bf16 forced, whatever this CPU has) on a trained region."""
-    cmd = [sys.executable, str(ROOT / "benchmarks/predict_precision.py"), "--workdir", str(workdir), "--region", "tiny",
-           "--precision", "bf16", "--threads", "1"]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=True)
-    return {k: float(v) for k, v in re.findall(r"(agreement|max_abs_dF1)=([0-9.]+)", res.stdout.splitlines()[-1])}
-
-
-def test_bf16_model_step_draws_the_fp32_map(run: Path) -> None:
-    """The reduced-precision model step (``prediction.precision: auto`` on CPUs with bf16) keeps the map
-    honest: >= 99.5 % of the mapped pixels get the fp32 model's class, held-out weighted F1 within 0.5."""
-    check = precision_check(run)
-    assert check["agreement"] >= 99.5 and check["max_abs_dF1"] <= 0.5, check
-
-
 @pytest.fixture(scope="module")
 def seg_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     wd = tmp_path_factory.mktemp("seg")

@@ -36,21 +36,24 @@ def native_bf16(device: torch.device) -> bool:
     return device.type == "cpu" and any(bool(getattr(torch.cpu, name, lambda: False)()) for name in probes)
 
 
-def compute_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+def compute_dtype(precision: str, device: torch.device, task: str = "classification") -> torch.dtype | None:
     """The autocast dtype of the model step, or None for plain fp32.
 
-    ``auto`` is bf16 where the device has bf16 arithmetic (:func:`native_bf16`: CUDA, recent x86
-    CPUs) and fp32 elsewhere; ``fp32`` and ``bf16`` force one. bf16 keeps fp32 accumulation, so
-    probabilities move by ~1e-3 and a class flips only where two classes are nearly tied.
+    ``auto`` is bf16 on CUDA (as training) and, for pixel classification, on CPUs with bf16
+    arithmetic (:func:`native_bf16`), where it halves the model step's cost and its map was
+    checked against fp32 (``benchmarks/predict_precision.py``); fp32 elsewhere, segmentation on
+    CPUs included. ``fp32`` and ``bf16`` force one. bf16 keeps fp32 accumulation: probabilities
+    move by ~1e-3 and a class flips only where two classes are nearly tied.
 
     Raises:
         ConfigError: an unknown setting.
     """
     if precision not in PRECISIONS:
         raise ConfigError(f"config key prediction.precision: {precision!r} is not a precision; use {', '.join(PRECISIONS)}")
-    if precision == "fp32" or (precision == "auto" and not native_bf16(device)):
-        return None
-    return torch.bfloat16
+    if precision == "auto":
+        use = native_bf16(device) and (device.type == "cuda" or task == "classification")
+        return torch.bfloat16 if use else None
+    return torch.bfloat16 if precision == "bf16" else None
 
 
 class Predictor:
@@ -64,9 +67,9 @@ class Predictor:
     barriers between small kernels (which cost up to 3x on a shared 2-core machine), and pixel
     batches run in chunks of :data:`CPU_CHUNK` pixels so activations stay in cache. On CUDA one
     thread runs the model while the copy back of batch k overlaps the forward of batch k+1, and
-    batches are gathered in pinned memory. The model step runs under bf16 autocast where the
-    device has bf16 arithmetic (``precision``, :func:`compute_dtype`); the metrics stage scores
-    the map's model because it applies the model through this same class.
+    batches are gathered in pinned memory. The model step runs under bf16 autocast on CUDA and,
+    for pixel classification, on CPUs with bf16 arithmetic (``precision``, :func:`compute_dtype`);
+    the metrics stage scores the map's model because it applies the model through this class.
 
     Args:
         ckpt: ``model.ckpt`` bundle.
@@ -83,12 +86,12 @@ class Predictor:
         self.device = resolve_device(device, "prediction.device")
         #: Whether the model runs on CUDA (pinned host buffers, async copies).
         self.cuda = self.device.type == "cuda"
-        #: Autocast dtype of the model step (None: fp32).
-        self.dtype = compute_dtype(precision, self.device)
         self.threads = max(1, threads or int(os.environ.get("CROPMAP_THREADS", 0)) or torch.get_num_threads())
         self.model, self.norm, self.bundle = load_bundle(ckpt, self.device)
         self.modalities: list[str] = self.bundle["modalities"]
         self.task: str = self.bundle["task"]
+        #: Autocast dtype of the model step (None: fp32).
+        self.dtype = compute_dtype(precision, self.device, self.task)
         self.min_valid_fraction: float = self.bundle["min_valid_fraction"]
         self.n_classes: int = self.bundle["model_kwargs"]["n_classes"]
         self.batch_size = max(1, int(batch_size))
