@@ -5,8 +5,8 @@
 Prints megapixels per second (map pixels) for
 
 (a) the model alone: the pipeline's model step (``Predictor.apply``: inference rewrites,
-    ``inference_mode``, bf16 autocast on CUDA) on batches already in memory (on the device for
-    CUDA), of the same batch size;
+    ``inference_mode``, bf16 autocast where the device has bf16 arithmetic: ``prediction.precision``
+    ``auto``) on batches already in memory (on the device for CUDA), of the same batch size;
 (b) the full predict path from the stack files to the map COG: every tile of
     ``prediction.tile_size`` through :func:`cropmap.predict.run` (one loaded model, as a
     warm worker) then :func:`cropmap.mosaic.mosaic_to_cog`;
@@ -16,8 +16,10 @@ Prints megapixels per second (map pixels) for
     size and CPU threads (``--threads``, default all cores: torch intra-op threads here, model
     threads in the pipeline), outputs kept in memory (no file written).
 
-The last line is ``pipeline_vs_model=<b/a> pipeline_vs_naive=<b/c>``. The region and the model
-(the default config's method and size, untrained) are cached under ``.bench/``.
+The last line is ``pipeline_vs_model=<b/a> pipeline_vs_naive=<b/c>``, then the ratio of the CPU
+seconds (all threads) of (c) and (b): on a machine that others share, wall-clock ratios swing
+with their load while CPU time moves much less. The region and the model (the default config's
+method and size, untrained) are cached under ``.bench/``.
 """
 
 from __future__ import annotations
@@ -209,17 +211,21 @@ def main(argv: list[str] | None = None) -> None:
     stacks = {m: stack_dir / f"{m}.tif" for m in cfg["modalities"] if (stack_dir / f"{m}.tif").exists()}
     ckpt = C.bundle(args.task, cfg, stack_dir, C.BENCH / f"model_{args.task}.ckpt")
     name = torch.cuda.get_device_name() if cuda else f"{os.cpu_count()} cores, {args.threads} thread(s)"
+    p = predict.Predictor(ckpt, args.device, args.batch_size, threads=args.threads)
     print(f"device={args.device} ({name}) task={args.task} method={cfg['model']['method']} hidden={cfg['model']['hidden']} "
           f"size={args.size}x{args.size} tile={cfg['prediction']['tile_size']} batch_size={args.batch_size} "
-          f"readers={predict.Predictor(ckpt, args.device, args.batch_size, threads=args.threads).readers}", flush=True)
+          f"readers={p.readers} precision={'fp32' if p.dtype is None else 'bf16'} (naive loop: fp32 on CPU)", flush=True)
     a = model_alone(ckpt, stacks, grid, args, cfg)
     print(f"(a) model alone, in-memory batches:       {a:8.4f} Mpx/s", flush=True)
+    cpu0 = time.process_time()  # CPU seconds of every thread: what a busy shared machine distorts least
     with tempfile.TemporaryDirectory(dir=C.BENCH, prefix="run.") as tmp:
         b = pipeline(ckpt, stack_dir, grid, args, cfg, Path(tmp))
-    print(f"(b) pipeline, stack files -> map COG:      {b:8.4f} Mpx/s", flush=True)
+    cpu_b, cpu0 = time.process_time() - cpu0, time.process_time()
+    print(f"(b) pipeline, stack files -> map COG:      {b:8.4f} Mpx/s  ({cpu_b:.1f} CPU s)", flush=True)
     c = float("nan") if args.skip_naive else naive(ckpt, stack_dir, grid, args, cfg)
-    print(f"(c) naive TorchGeo IntersectionDataset loop: {c:8.4f} Mpx/s", flush=True)
-    print(f"pipeline_vs_model={b / a:.2f} pipeline_vs_naive={b / c:.2f}")
+    cpu_c = time.process_time() - cpu0
+    print(f"(c) naive TorchGeo IntersectionDataset loop: {c:8.4f} Mpx/s  ({cpu_c:.1f} CPU s)", flush=True)
+    print(f"pipeline_vs_model={b / a:.2f} pipeline_vs_naive={b / c:.2f} (CPU time: naive/pipeline={cpu_c / cpu_b:.2f})")
 
 
 if __name__ == "__main__":

@@ -22,7 +22,9 @@ from cropmap.modalities import MODALITIES, band_descriptions, n_channels
 from cropmap.models import build_model, methods_for
 from cropmap.normalize import Normalizer
 from cropmap.predict import Predictor, load_bundle, reading, save_bundle
+from cropmap.predict import predictor as predictor_module
 from cropmap.predict.chips import hann
+from cropmap.predict.predictor import compute_dtype
 from cropmap.predict.prefetch import prefetch
 from cropmap.predict.rewrites import TempCNNInference, optimize_for_inference
 
@@ -79,15 +81,17 @@ def predict_map(p: Predictor, stacks: Path, grid: Grid, size: int, chip: int = 1
     return cls, bits, proba
 
 
-@pytest.mark.parametrize(("task", "unit", "threads"), [("classification", 256, 1), ("segmentation", 256, 1),
-                                                        ("classification", 16, 2), ("segmentation", 16, 2)])
+@pytest.mark.parametrize(("task", "unit", "threads", "precision"), [
+    ("classification", 256, 1, "fp32"), ("segmentation", 256, 1, "fp32"), ("classification", 16, 2, "fp32"),
+    ("segmentation", 16, 2, "fp32"), ("classification", 16, 2, "bf16"), ("segmentation", 16, 2, "bf16")])
 def test_tiles_equal_whole_region(tmp_path: Path, stacks: Path, grid: Grid, task: str, unit: int, threads: int,
-                                  monkeypatch: pytest.MonkeyPatch) -> None:
+                                  precision: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(reading, "UNIT", unit)  # 16: read units of one 32 px block, chips across them
-    p = Predictor(bundle(tmp_path, task), "cpu", batch_size=1024, threads=threads)
+    p = Predictor(bundle(tmp_path, task), "cpu", batch_size=1024, threads=threads, precision=precision)
     whole = predict_map(p, stacks, grid, size=max(grid.shape))
     tiled = predict_map(p, stacks, grid, size=20)
-    np.testing.assert_allclose(tiled[2], whole[2], atol=1e-5)
+    # bf16: chips batched with other neighbours may round differently (observed <= 3e-4)
+    np.testing.assert_allclose(tiled[2], whole[2], atol=1e-5 if precision == "fp32" else 2e-3)
     assert (tiled[0] == whole[0]).mean() > 0.999  # argmax ties may flip at float noise
     assert (tiled[1] == whole[1]).all()
 
@@ -123,7 +127,7 @@ def test_hann_weights_sum_to_one_at_half_overlap() -> None:
 def test_tile_equals_one_big_batch_and_probabilities_sum_to_100(tmp_path: Path, stacks: Path, grid: Grid) -> None:
     """A tile streamed in small batches and chunks equals the plain model on all its pixels at once."""
     ckpt = bundle(tmp_path, "classification")
-    p = Predictor(ckpt, "cpu", batch_size=100, threads=2)
+    p = Predictor(ckpt, "cpu", batch_size=100, threads=2, precision="fp32")
     name = "r000024_c000024"  # rows 24-44, cols 24-48: S1 gap and the corner without any sensor
     out = tmp_path / f"{name}.tif"
     res = predict.run(ckpt, stacks, grid, name, out, tile_size=24, modalities=MODALITIES, probabilities=True, predictor=p)
@@ -178,6 +182,32 @@ def test_inference_rewrites_keep_the_function(tmp_path: Path, task: str, method:
         np.testing.assert_allclose(fast(norm(batch))["logits"].numpy(), ref.numpy(), atol=1e-4, rtol=1e-4)
     if task == "classification" and method != "input_fusion":  # TempCNN encoders run fused
         assert any(isinstance(x, TempCNNInference) for x in fast.modules())
+
+
+def test_precision_setting_picks_the_autocast_dtype(monkeypatch: pytest.MonkeyPatch) -> None:
+    cpu = torch.device("cpu")
+    assert compute_dtype("fp32", cpu) is None and compute_dtype("bf16", cpu) == torch.bfloat16
+    for native in (True, False):  # auto: bf16 only where the CPU multiplies bf16 in hardware, and not for chips
+        monkeypatch.setattr(predictor_module, "native_bf16", lambda device, native=native: native)
+        assert compute_dtype("auto", cpu) == (torch.bfloat16 if native else None)
+        assert compute_dtype("auto", cpu, "segmentation") is None
+    with pytest.raises(ConfigError, match=r"prediction\.precision: 'fp16'.*auto, fp32, bf16"):
+        compute_dtype("fp16", cpu)
+
+
+def test_bf16_model_step_stays_close_to_fp32(tmp_path: Path) -> None:
+    """Same batch, fp32 and forced bf16 Predictors: probabilities within bf16 rounding, for every pixel
+    whatever sensors it has (the honesty check on a trained model is in tests/test_workflow.py)."""
+    ckpt = bundle(tmp_path, "classification")
+    gen = torch.Generator().manual_seed(3)
+    p32, p16 = Predictor(ckpt, "cpu", precision="fp32"), Predictor(ckpt, "cpu", precision="bf16")
+    batch = {m: torch.randn((500, *p32.input_shape(m)), generator=gen) for m in MODALITIES}
+    batch["mask"] = torch.rand((500, len(MODALITIES)), generator=gen) > 0.4
+    ref, low = p32.proba(batch), p16.proba(batch)
+    assert p16.dtype == torch.bfloat16 and low.dtype == torch.float32
+    diff = float((ref - low).abs().max())
+    assert 0 < diff < 0.06, diff  # bf16 did run (not fp32), within its rounding (a random model: small margins)
+    np.testing.assert_allclose(low.sum(1).numpy(), 1.0, atol=1e-5)
 
 
 def test_prefetch_keeps_order_raises_producer_errors_and_stops_early() -> None:

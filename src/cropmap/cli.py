@@ -194,7 +194,8 @@ def cmd_predict(a: argparse.Namespace, p: dict[str, Any]) -> None:
     _checked_stacks(a, p, window=tile_window(_grid(p), a.tile, pr["tile_size"]))
     predict.run(Path(a.model), Path(a.stack_dir), _grid(p), a.tile, Path(a.out), tile_size=pr["tile_size"],
                 modalities=p["modalities"], chip_size=p["chip_size"], overlap=pr["overlap"], batch_size=pr["batch_size"],
-                device=pr["device"], probabilities=pr["probabilities"], season_key=f"regions.{p['region']}.season")
+                device=pr["device"], probabilities=pr["probabilities"], precision=pr["precision"],
+                season_key=f"regions.{p['region']}.season")
 
 
 def cmd_mosaic(a: argparse.Namespace, p: dict[str, Any]) -> None:
@@ -231,7 +232,7 @@ def cmd_metrics(a: argparse.Namespace, p: dict[str, Any]) -> None:
     _sort_inputs(a)
     ev = p["evaluation"]
     kw = {"max_pixels_per_class": ev["max_pixels_per_class"], "seed": p["seed"], "device": p["prediction"]["device"],
-          "batch_size": p["prediction"]["batch_size"]}
+          "batch_size": p["prediction"]["batch_size"], "precision": p["prediction"]["precision"]}
     if a.samples is not None:  # a training set: its test-split samples
         df = metrics.evaluate_set(Path(a.model), Path(a.samples), **kw)
     else:

@@ -65,13 +65,17 @@ def _predict_batches(predictor: Predictor, batches: list[dict[str, torch.Tensor]
 
 
 def evaluate(ckpt: Path, stack_dir: Path, labels_tif: Path, chips_parquet: Path, grid: Grid, *,
-             max_pixels_per_class: int, seed: int, device: str = "auto", batch_size: int = 8192) -> pd.DataFrame:
+             max_pixels_per_class: int, seed: int, device: str = "auto", batch_size: int = 8192,
+             precision: str = "auto") -> pd.DataFrame:
     """Metrics per modality subset on the test split (pixels where every region modality is present).
+
+    The model is applied as the ``predict`` stage applies it (:class:`~cropmap.predict.Predictor`,
+    same ``device`` and ``precision``), so the scores are those of the map's model.
 
     Returns:
         One row per subset: ``subset, n_modalities, n, f1_weighted, f1_macro, accuracy``.
     """
-    predictor = Predictor(ckpt, device, batch_size)
+    predictor = Predictor(ckpt, device, batch_size, precision=precision)
     mods = predictor.modalities
     months = predictor.bundle["months"]
     mvf = predictor.min_valid_fraction
@@ -98,7 +102,7 @@ def evaluate(ckpt: Path, stack_dir: Path, labels_tif: Path, chips_parquet: Path,
 
 
 def evaluate_set(ckpt: Path, samples_npz: Path, *, max_pixels_per_class: int, seed: int, device: str = "auto",
-                 batch_size: int = 8192) -> pd.DataFrame:
+                 batch_size: int = 8192, precision: str = "auto") -> pd.DataFrame:
     """Metrics per modality subset on a training set's test split (``samples.npz``).
 
     As for a region: up to ``max_pixels_per_class`` test samples per class (seeded), scored
@@ -110,7 +114,7 @@ def evaluate_set(ckpt: Path, samples_npz: Path, *, max_pixels_per_class: int, se
     """
     from cropmap.samples import cap_per_class, read_samples
 
-    predictor = Predictor(ckpt, device, batch_size)
+    predictor = Predictor(ckpt, device, batch_size, precision=precision)
     s = read_samples(samples_npz)
     test = cap_per_class(s.part(2), max_pixels_per_class, seed)
     has = [m for i, m in enumerate(s.samples.modalities) if s.samples.mask[:, i].any()]

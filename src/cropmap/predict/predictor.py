@@ -13,6 +13,7 @@ import torch
 from rasterio.windows import Window
 
 from cropmap.device import resolve_device
+from cropmap.errors import ConfigError
 from cropmap.predict.bundle import load_bundle
 from cropmap.predict.chips import predict_chips
 from cropmap.predict.pixels import predict_pixels
@@ -21,6 +22,39 @@ from cropmap.predict.tile import Batch, TileResult
 
 #: Pixels per forward pass on CPU (a batch of ``batch_size`` runs in chunks of this size).
 CPU_CHUNK = 2048
+
+#: ``prediction.precision`` settings.
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` multiplies bfloat16 in hardware: a CUDA GPU that supports it, or a CPU with
+    AVX512-BF16 or AMX (oneDNN's bf16 kernels; elsewhere bf16 is emulated and slower than fp32)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private, hence the getattr
+    return device.type == "cpu" and any(bool(getattr(torch.cpu, name, lambda: False)()) for name in probes)
+
+
+def compute_dtype(precision: str, device: torch.device, task: str = "classification") -> torch.dtype | None:
+    """The autocast dtype of the model step, or None for plain fp32.
+
+    ``auto`` is bf16 on CUDA (as training) and, for pixel classification, on CPUs with bf16
+    arithmetic (:func:`native_bf16`), where it halves the model step's cost and its map was
+    checked against fp32 (``benchmarks/predict_precision.py``); fp32 elsewhere, segmentation on
+    CPUs included. ``fp32`` and ``bf16`` force one. bf16 keeps fp32 accumulation: probabilities
+    move by ~1e-3 and a class flips only where two classes are nearly tied.
+
+    Raises:
+        ConfigError: an unknown setting.
+    """
+    if precision not in PRECISIONS:
+        raise ConfigError(f"config key prediction.precision: {precision!r} is not a precision; use {', '.join(PRECISIONS)}")
+    if precision == "auto":
+        use = native_bf16(device) and (device.type == "cuda" or task == "classification")
+        return torch.bfloat16 if use else None
+    return torch.bfloat16 if precision == "bf16" else None
+
 
 class Predictor:
     """A loaded model plus everything needed to apply it to stack windows.
@@ -32,8 +66,10 @@ class Predictor:
     On CPU, ``threads`` model threads each run whole batches with one intra-op thread: no OpenMP
     barriers between small kernels (which cost up to 3x on a shared 2-core machine), and pixel
     batches run in chunks of :data:`CPU_CHUNK` pixels so activations stay in cache. On CUDA one
-    thread runs the model (bf16 autocast) while the copy back of batch k overlaps the forward of
-    batch k+1, and batches are gathered in pinned memory.
+    thread runs the model while the copy back of batch k overlaps the forward of batch k+1, and
+    batches are gathered in pinned memory. The model step runs under bf16 autocast on CUDA and,
+    for pixel classification, on CPUs with bf16 arithmetic (``precision``, :func:`compute_dtype`);
+    the metrics stage scores the map's model because it applies the model through this class.
 
     Args:
         ckpt: ``model.ckpt`` bundle.
@@ -42,17 +78,20 @@ class Predictor:
         threads: CPU model threads, one intra-op thread each (default ``CROPMAP_THREADS`` or
             torch's thread count).
         readers: reader threads (default 1 on CPU; on CUDA every core but one, at most 32).
+        precision: ``auto``, ``fp32`` or ``bf16`` (``prediction.precision``, :func:`compute_dtype`).
     """
 
     def __init__(self, ckpt: Path, device: str = "auto", batch_size: int = 8192, threads: int | None = None,
-                 readers: int | None = None) -> None:
+                 readers: int | None = None, precision: str = "auto") -> None:
         self.device = resolve_device(device, "prediction.device")
-        #: Whether the model runs on CUDA (bf16 autocast, pinned host buffers, async copies).
+        #: Whether the model runs on CUDA (pinned host buffers, async copies).
         self.cuda = self.device.type == "cuda"
         self.threads = max(1, threads or int(os.environ.get("CROPMAP_THREADS", 0)) or torch.get_num_threads())
         self.model, self.norm, self.bundle = load_bundle(ckpt, self.device)
         self.modalities: list[str] = self.bundle["modalities"]
         self.task: str = self.bundle["task"]
+        #: Autocast dtype of the model step (None: fp32).
+        self.dtype = compute_dtype(precision, self.device, self.task)
         self.min_valid_fraction: float = self.bundle["min_valid_fraction"]
         self.n_classes: int = self.bundle["model_kwargs"]["n_classes"]
         #: Channels per time step of each modality (the model's bands).
@@ -63,7 +102,7 @@ class Predictor:
         intra = torch.get_num_threads()
         torch.set_num_threads(1)  # a tiny check: no thread pool spin-up
         try:
-            self.model = optimize_for_inference(self.model, self._example())
+            self.model = optimize_for_inference(self.model, self.example())
         finally:
             torch.set_num_threads(intra)
         cpus = os.cpu_count() or 2
@@ -83,7 +122,7 @@ class Predictor:
             return torch.cat([self.proba({k: v[i : i + CPU_CHUNK] for k, v in batch.items()})
                               for i in range(0, n, CPU_CHUNK)])
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cuda):
+        with torch.autocast(self.device.type, dtype=self.dtype or torch.bfloat16, enabled=self.dtype is not None):
             out = self.model(self.norm(batch))
         return torch.softmax(out["logits"].float(), dim=1)
 
@@ -153,8 +192,9 @@ class Predictor:
         ev.synchronize()
         scatter(meta, p.numpy())
 
-    def _example(self, n: int = 2, size: int = 16) -> Batch:
-        """A small random batch (all modalities available) to check inference rewrites on."""
+    def example(self, n: int = 2, size: int = 16) -> Batch:
+        """A random batch of ``n`` samples (``size`` px chips for segmentation) on the device, every
+        modality available: what the inference rewrites are checked on (benchmarks time it too)."""
         gen = torch.Generator().manual_seed(0)
         batch: Batch = {}
         for m in self.modalities:

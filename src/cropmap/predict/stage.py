@@ -14,7 +14,7 @@ from cropmap.predict.tile import TileResult, write_tile
 def run(ckpt: Path, stack_dir: Path, grid: Grid, name: str, out: Path, *, tile_size: int, modalities: Sequence[str],
         chip_size: int = 32, overlap: float = 0.5, batch_size: int = 8192, device: str = "auto",
         probabilities: bool = False, predictor: Predictor | None = None, threads: int | None = None,
-        season_key: str = "the region's season") -> TileResult:
+        season_key: str = "the region's season", precision: str = "auto") -> TileResult:
     """Predict tile ``name`` (:func:`cropmap.grid.tiles`) and write it to ``out``.
 
     Args:
@@ -23,8 +23,8 @@ def run(ckpt: Path, stack_dir: Path, grid: Grid, name: str, out: Path, *, tile_s
         grid: the region grid.
         name: the tile, ``r000000_c000512``.
         out: the tile GeoTIFF (:func:`cropmap.predict.tile.write_tile`).
-        tile_size, chip_size, overlap, batch_size, device, probabilities: the ``prediction``
-            config block (``chip_size`` is ``chips.size``).
+        tile_size, chip_size, overlap, batch_size, device, probabilities, precision: the
+            ``prediction`` config block (``chip_size`` is ``chips.size``).
         predictor: reuse a loaded model (else one is loaded from ``ckpt``).
         threads: CPU model threads (:class:`Predictor`).
         season_key: the config key of the region's season, for the message when the stacks'
@@ -33,7 +33,7 @@ def run(ckpt: Path, stack_dir: Path, grid: Grid, name: str, out: Path, *, tile_s
     Raises:
         GridMismatchError: the stacks' bands or months are not the model's (one line).
     """
-    predictor = predictor or Predictor(ckpt, device, batch_size, threads=threads)
+    predictor = predictor or Predictor(ckpt, device, batch_size, threads=threads, precision=precision)
     stacks = {m: stack_dir / f"{m}.tif" for m in modalities if (stack_dir / f"{m}.tif").exists()}
     check_stacks(predictor.bundle, ckpt, stacks, season_key=season_key)
     window = tile_window(grid, name, tile_size)
