@@ -70,16 +70,19 @@ def main() -> None:
     ap.add_argument("--min-samples", type=int, default=20)
     ap.add_argument("--methods", nargs="*", default=None, help="default: every method that classifies pixels")
     ap.add_argument("--cores", type=int, default=2)
+    ap.add_argument("--dry-run", action="store_true", help="write the config and dry-run snakemake (-n) only")
     a = ap.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
     cfg = a.out / "config.yaml"
     cfg.write_text(yaml.safe_dump(config(a), sort_keys=False))
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(p for p in (str(ROOT / "src"), os.environ.get("PYTHONPATH")) if p))
     cmd = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "--directory", str(a.out), "--cores", str(a.cores),
-           "compare", "--configfile", str(cfg)]
+           "compare", "--configfile", str(cfg), *(["-n"] if a.dry_run else [])]
     print(" ".join(cmd), flush=True)
     t0 = time.time()
     subprocess.run(cmd, env=env, check=True)
+    if a.dry_run:
+        return
     print(f"done in {time.time() - t0:.0f} s")
     print((a.out / "results" / "compare" / "summary.csv").read_text())
 

@@ -26,6 +26,8 @@ pytestmark = pytest.mark.workflow
 
 #: Documented commands that set up the environment; CI runs them (``.ci/run``), not this test.
 SETUP = ("python3 -m venv ", ". .venv/bin/activate", "pip install ", "pytest")
+#: Documented benchmark commands that have a dry run (``--dry-run``: their config and ``snakemake -n``).
+BENCHMARKS = ("python benchmarks/compare_table.py ",)
 
 
 def documents() -> list[Path]:
@@ -39,6 +41,7 @@ def commands(path: Path) -> list[str]:
     found: list[str] = []
     if path.suffix == ".md":
         for block in re.findall(r"^```(?:bash|sh|shell|console)\n(.*?)^```", text, flags=re.M | re.S):
+            block = re.sub(r"\\\n\s*", "", block)  # continuation lines
             found += [ln for ln in block.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
         found += re.findall(r"`(snakemake [^`]+)`", text)
     else:  # a YAML file: commands in its comments, indented after '#'
@@ -59,7 +62,7 @@ def test_the_documents_show_commands_and_each_is_handled() -> None:
     snake = [c for _, c in cmds if c.startswith("snakemake ")]
     assert len(snake) >= 8, cmds
     assert any("--configfile config/examples/france_2023.yaml" in c for c in snake)
-    other = [(doc, c) for doc, c in cmds if not c.startswith("snakemake ") and not c.startswith(SETUP)]
+    other = [(doc, c) for doc, c in cmds if not c.startswith(("snakemake ", *BENCHMARKS)) and not c.startswith(SETUP)]
     assert not other, f"documented commands this test does not run: {other}"
 
 
@@ -69,7 +72,7 @@ def checkout(tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = tmp_path_factory.mktemp("docs")
     for name in ("Snakefile", "config.yaml"):
         shutil.copy2(ROOT / name, d / name)
-    for name in ("workflow", "config", "src"):
+    for name in ("workflow", "config", "src", "tests/data"):  # the example configs read tests/data/realdata
         shutil.copytree(ROOT / name, d / name, ignore=shutil.ignore_patterns("__pycache__"), symlinks=True)
     return d
 
@@ -84,4 +87,16 @@ def test_documented_snakemake_command_runs_as_written(checkout: Path, command: s
     res = subprocess.run([sys.executable, "-m", *argv, "-n"], cwd=checkout, capture_output=True, text=True,
                          env=snakemake_env(), timeout=300)
     assert res.returncode == 0, f"{command} -n failed:\n{res.stdout[-2000:]}\n{res.stderr[-3000:]}"
+    assert "Traceback" not in res.stderr, res.stderr[-3000:]
+
+
+@pytest.mark.parametrize("command", sorted({c for _, c in all_commands() if c.startswith(BENCHMARKS)}))
+def test_documented_benchmark_command_runs_as_written(tmp_path: Path, command: str) -> None:
+    argv = shlex.split(command)
+    i = argv.index("--out")
+    argv[i + 1] = str(tmp_path / "out")  # not /tmp/... of the machine running the tests
+    res = subprocess.run([sys.executable, *argv[1:], "--dry-run"], cwd=ROOT, capture_output=True, text=True,
+                         env=snakemake_env(), timeout=300)
+    assert res.returncode == 0, f"{command} --dry-run failed:\n{res.stdout[-2000:]}\n{res.stderr[-3000:]}"
+    assert (tmp_path / "out" / "config.yaml").exists()
     assert "Traceback" not in res.stderr, res.stderr[-3000:]

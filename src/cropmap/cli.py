@@ -290,7 +290,7 @@ def cmd_report(a: argparse.Namespace, p: dict[str, Any]) -> None:
 #: The arguments naming each stage's outputs: none is left behind when the stage fails.
 OUTPUTS: dict[str, tuple[str, ...]] = {
     "fetch": ("raw_dir", "availability"), "stack": ("out_dir",), "labels": ("out_tif", "out_gpkg"),
-    "fold": ("out_tif", "out_chips"), "chips": ("out",), "train": ("out", "summary"), "pretrain": ("out",),
+    "samples": ("out",), "fold": ("out_dir",), "chips": ("out",), "train": ("out", "summary"), "pretrain": ("out",),
     "predict": ("out",), "mosaic": ("out", "quicklook", "stac", "proba"), "expected_f1": ("out",),
     "coverage": ("out",), "metrics": ("out", "confusion"), "area": ("out_csv", "out_json"),
     "compare": ("table", "summary", "heatmap"), "report": ("out",),
@@ -298,13 +298,16 @@ OUTPUTS: dict[str, tuple[str, ...]] = {
 
 #: The arguments naming each stage's inputs, and the stage that writes each.
 INPUTS: dict[str, dict[str, str]] = {
-    "stack": {"raw_dir": "fetch"}, "fold": {"labels": "labels", "chips": "chips"},
+    "stack": {"raw_dir": "fetch"},
+    "fold": {"inputs": "labels, chips or samples", "labels": "labels", "chips": "chips", "samples": "samples"},
     "chips": {"stack_dir": "stack", "labels": "labels"},
-    "train": {"stack_dir": "stack", "labels": "labels", "chips": "chips"},
+    "train": {"inputs": "stack, labels, chips or samples", "stack_dir": "stack", "labels": "labels", "chips": "chips",
+              "samples": "samples"},
     "pretrain": {"stack_dir": "stack", "labels": "labels", "chips": "chips"},
     "predict": {"model": "train", "stack_dir": "stack"}, "mosaic": {"tiles_dir": "predict", "tiles": "predict"},
     "expected_f1": {"map": "mosaic", "metrics": "metrics"}, "coverage": {"map": "mosaic", "stack_dir": "stack"},
-    "metrics": {"model": "train", "stack_dir": "stack", "labels": "labels", "chips": "chips"},
+    "metrics": {"model": "train", "inputs": "stack, labels, chips or samples", "stack_dir": "stack", "labels": "labels",
+                "chips": "chips", "samples": "samples"},
     "area": {"map": "mosaic", "labels": "labels"}, "compare": {"parts": "metrics"},
 }
 

@@ -149,8 +149,11 @@ def _check_semantics(config: dict) -> None:
             season_months(ts["season"]["start"], ts["season"]["end"])
         except ConfigError as exc:
             raise ConfigError(f"config key training_sets.{name}.season: {exc}") from None
+    from cropmap import config_checks
+
     for name, region in regions.items():
         _check_region(config, name, region)
+        config_checks.check_region(config, name, region)
     task = compare_task(config)
     from cropmap.models.registry import methods_for
 

@@ -42,7 +42,8 @@ _DEVICE_LIST = re.compile(r"^\[?\s*\d+(\s*,\s*\d+)*\s*,?\s*\]?$")
 
 
 def check(config: dict) -> None:
-    """Every check of this module on a schema-valid config with defaults filled.
+    """The checks of this module that are not per region (:func:`check_region` runs in
+    :func:`cropmap.config.validate` with the other checks of each region) on a schema-valid config.
 
     Raises:
         ConfigError: one line naming the key and the fix.
@@ -51,8 +52,6 @@ def check(config: dict) -> None:
         if re.search(r"[{}]", config[key]) or not config[key].strip():
             raise ConfigError(f"config key {key}: {config[key]!r} is not a usable folder name (empty, or braces, "
                               "which Snakemake reads as wildcards); name a folder, e.g. data")
-    for name, region in config["regions"].items():
-        check_region(config, name, region)
     check_model(config)
     check_training(config)
 
