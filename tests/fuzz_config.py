@@ -70,7 +70,7 @@ DOMAIN: dict[tuple[str, str], Any] = {
     ("model", "task"): st.sampled_from(["classification", "segmentation", "regression"]),
     ("model", "hidden"): st.sampled_from([1, 8, 9, 16, 128, 0, -8]),
     ("model", "options"): st.dictionaries(st.sampled_from(["tau", "alpha", "gamma", "temperature", "dropout", "preset",
-                                                           "patch", "head", "generator", "foo", "hidden", "pretrained"]),
+                                                           "patch", "head", "generator", "foo", "hidden", "pretrained", "contrast_pixels"]),
                                           SCALARS, max_size=2),
     ("model", "encoders"): st.dictionaries(st.sampled_from(["s2", "s1", "weather", "dem", "input", "s3"]),
                                            st.sampled_from(["tempcnn", "ltae", "gru", "mlp", "unet", "smp:resnet18", "smp:", "lstm"]),

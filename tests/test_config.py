@@ -44,7 +44,7 @@ def test_shipped_config_is_valid_and_filled_with_defaults() -> None:
         (lambda c: c["regions"]["tiny"].update(season={"start": "2020-01", "end": "2023-12"}),
          "config key regions.tiny.season: 48 months, at most 36"),
         (lambda c: c["model"].update(options={"foo": 1}),
-         "config key model.options.foo: method comiss takes no option 'foo'; valid: alpha, dropout, gamma, head, tau"),
+         "config key model.options.foo: method comiss takes no option 'foo'; valid: alpha, contrast_pixels, dropout, gamma, head, tau"),
         (lambda c: c["model"].update(options={"tau": "x"}), "config key model.options.tau: 'x' should be float (default 0.5)"),
         (lambda c: c["model"].update(options={"alpha": 1.5}), "config key model.options.alpha: 1.5 should be in [0, 1]"),
         (lambda c: c["model"].update(options={"hidden": 8}), "config key model.options.hidden: set it with model.hidden"),
@@ -121,3 +121,21 @@ def test_device_cuda_is_checked_where_the_jobs_run(tmp_path: Path) -> None:
     cfg = validate(cfg)  # loads: the jobs may run on GPU nodes
     with pytest.raises(ConfigError, match=r"^config key prediction.device is 'cuda' but no CUDA device is visible; set it to auto or cpu$"):
         check_local_devices(cfg)
+
+
+def test_segmentation_trains_with_its_own_recipe(tmp_path: Path) -> None:
+    from cropmap.train import TrainSettings
+
+    cfg = load(ROOT / "config.yaml")
+    months = ["2023-01", "2023-02"]
+    cls = TrainSettings.from_config(cfg, "classification", months)
+    seg = TrainSettings.from_config(cfg, "segmentation", months)
+    recipe = cfg["training"]["segmentation"]
+    assert (cls.epochs, cls.batch_size, cls.lr) == (cfg["training"]["epochs"], cfg["training"]["batch_size"], cfg["training"]["lr"])
+    assert (seg.epochs, seg.patience, seg.batch_size, seg.lr) == (recipe["epochs"], recipe["patience"], recipe["batch_size"], recipe["lr"])
+    assert seg.batch_size < cls.batch_size and seg.device == cls.device and seg.hidden == cls.hidden
+    assert (seg.windows_per_epoch, seg.augment, seg.cache_mb) == (None, True, recipe["cache_mb"])
+    cfg = validate(tiny_config(tmp_path, compare={"epochs": 3, "regions": ["tiny"]}))
+    p = stage_params(cfg, "train", "tiny", method="imt")
+    assert p["training"]["epochs"] == p["training"]["segmentation"]["epochs"] == 3
+    assert TrainSettings.from_config(p, "segmentation", months).epochs == 3

@@ -136,3 +136,16 @@ def test_quicklook_png_is_written(mapped: tuple[Path, Path], tmp_path: Path) -> 
     png = tmp_path / "quicklook.png"
     mosaic.quicklook(mapped[0], png, CLASSES, max_px=256)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_quicklook_title_names_the_task_and_method(mapped: tuple[Path, Path], tmp_path: Path) -> None:
+    from PIL import Image
+
+    title = mosaic.map_title("demo", {"task": "segmentation", "method": "comiss", "trained_on": "demo"})
+    assert title == "cropmap demo: segmentation (comiss)"
+    assert mosaic.map_title("b", {"task": "classification", "method": "imt", "trained_on": "a"}) == (
+        "cropmap b: classification (imt), model of a")
+    png = tmp_path / "quicklook.png"
+    mosaic.quicklook(mapped[0], png, CLASSES, max_px=256, title=title)
+    with Image.open(png) as im:
+        assert im.text["Title"] == title

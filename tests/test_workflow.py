@@ -18,6 +18,7 @@ import pandas as pd
 import pytest
 import rasterio
 import yaml
+from PIL import Image
 from rio_cogeo.cogeo import cog_validate
 
 from cropmap.modalities import MODALITIES
@@ -323,6 +324,8 @@ def test_segmentation_model_draws_the_map(seg_run: Path) -> None:
     assert ((bits == 0) == (cls == 255)).all()
     assert (cls != 255).mean() > 0.99
     assert len(pd.read_csv(tmp_path / "results/tiny/metrics.csv")) == 15
+    with Image.open(tmp_path / "results/tiny/quicklook.png") as im:
+        assert im.text["Title"] == "cropmap tiny: segmentation (comiss)"
 
 
 def test_segmentation_methods_imt_and_gemmnet_in_the_protocol(seg_run: Path) -> None:

@@ -412,6 +412,7 @@ def _train_params(config: dict, base: dict[str, Any], method: str | None) -> dic
         p["model"]["method"] = method
         if config["compare"]["epochs"]:
             p["training"]["epochs"] = config["compare"]["epochs"]
+            p["training"].setdefault("segmentation", {})["epochs"] = config["compare"]["epochs"]
     return p
 
 

@@ -14,10 +14,10 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 from xml.sax.saxutils import escape as xml_escape
 
 import numpy as np
@@ -141,8 +141,21 @@ def _rgba01(rgba: tuple[int, int, int, int]) -> tuple[float, float, float, float
     return (r / 255, g / 255, b / 255, a / 255)
 
 
+def map_title(region: str, model: Mapping[str, Any]) -> str:
+    """Quicklook title naming the model that drew the map: its task and method (and the region
+    it was trained on when borrowed), e.g. ``cropmap demo: segmentation (comiss)``."""
+    title = f"cropmap {region}: {model['task']} ({model['method']})"
+    if model.get("trained_on") not in (None, region):
+        title += f", model of {model['trained_on']}"
+    return title
+
+
 def quicklook(map_tif: Path, out_png: Path, classes: Sequence[dict], max_px: int = 1024, title: str = "") -> None:
-    """PNG of the class band with a legend (read from an overview, bounded size)."""
+    """PNG of the class band with a legend (read from an overview, bounded size).
+
+    ``title`` (default: the map's folder name) is drawn above the map and stored as the PNG's
+    ``Title`` text chunk.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -160,13 +173,14 @@ def quicklook(map_tif: Path, out_png: Path, classes: Sequence[dict], max_px: int
     fig, ax = plt.subplots(figsize=(8, 7), dpi=100)
     ax.imshow(img, cmap=ListedColormap(colours), vmin=-0.5, vmax=k - 0.5, interpolation="nearest")
     ax.set_axis_off()
-    ax.set_title(title or map_tif.parent.name)
+    title = title or map_tif.parent.name
+    ax.set_title(title)
     handles = [Patch(facecolor=_rgba01(cmap_d[c["id"]]), label=c["name"]) for c in classes]
     handles.append(Patch(facecolor="white", edgecolor="black", label="nodata (no sensor)"))
     ax.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
     fig.tight_layout()
     with atomic_path(out_png) as tmp:
-        fig.savefig(tmp, format="png", bbox_inches="tight")
+        fig.savefig(tmp, format="png", bbox_inches="tight", metadata={"Title": title})
     plt.close(fig)
 
 

@@ -39,7 +39,7 @@ from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from cropmap.datasets import ChipDataset, PixelSamples, sample_pixels
+from cropmap.datasets import PixelSamples, sample_pixels
 from cropmap.device import check_devices, resolve_device
 from cropmap.errors import LabelError
 from cropmap.grid import Grid
@@ -174,7 +174,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-class EpochShuffleSampler(Sampler[int]):
+class EpochShuffleSampler(Sampler[Any]):
     """Shuffle with a permutation drawn from ``(seed, epoch)``; Lightning calls :meth:`set_epoch`.
 
     Epoch ``e`` has the same order whether the run is fresh or resumed from a checkpoint. With
@@ -193,14 +193,17 @@ class EpochShuffleSampler(Sampler[int]):
             return torch.distributed.get_rank(), torch.distributed.get_world_size()
         return 0, 1
 
-    def __iter__(self) -> Iterator[int]:
+    def __iter__(self) -> Iterator[Any]:
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        perm = torch.randperm(self.n, generator=g).tolist()
+        return iter(self.shard(torch.randperm(self.n, generator=g).tolist()))
+
+    def shard(self, items: list[Any]) -> list[Any]:
+        """This rank's share of the epoch's ``n`` items (every ``world``-th of the padded list)."""
         rank, world = self._rank_world()
         if world > 1:
-            perm += perm[: math.ceil(self.n / world) * world - self.n]
-            perm = perm[rank::world]
-        return iter(perm)
+            items = items + items[: math.ceil(self.n / world) * world - self.n]
+            items = items[rank::world]
+        return items
 
     def __len__(self) -> int:
         return math.ceil(self.n / self._rank_world()[1])
@@ -266,10 +269,18 @@ class TrainSettings:
     num_workers: int = 0
     min_valid_fraction: float = 0.5
     bands: dict[str, list[str]] = field(default_factory=dict)
+    windows_per_epoch: int | None = None
+    augment: bool = True
+    cache_mb: int = 2048
 
     @classmethod
     def from_config(cls, config: dict, task: Task, months: list[str]) -> TrainSettings:
+        """Settings of ``task``: a segmentation run takes ``training.segmentation``'s recipe
+        (epochs, patience, batch size, learning rate, windows, augmentation, cache) over the
+        ``training`` keys, which stay the pixel classifier's."""
         t, m = config["training"], config["model"]
+        if task == "segmentation":
+            t = {**t, **t.get("segmentation", {})}
         return cls(
             task=task, method=m["method"], modalities=list(config["modalities"]), months=months,
             classes=config["classes"], seed=config["seed"], hidden=m["hidden"], encoders=m.get("encoders", {}),
@@ -278,6 +289,7 @@ class TrainSettings:
             devices=t["devices"], strategy=t["strategy"], num_workers=t["num_workers"],
             min_valid_fraction=config["availability"]["min_valid_fraction"],
             bands={m: list(b) for m, b in (config.get("bands") or {}).items()},
+            windows_per_epoch=t.get("windows_per_epoch"), augment=t.get("augment", True), cache_mb=t.get("cache_mb", 2048),
         )
 
     def resolved_bands(self) -> dict[str, list[str]]:
@@ -322,17 +334,13 @@ def balanced_weights(y: np.ndarray, k: int) -> list[float]:
     return w.tolist()
 
 
-def chip_stats(ds: ChipDataset, n: int, seed: int) -> dict:
-    """Normalisation statistics from up to ``n`` training chips."""
+def chip_stats(ds: Dataset, n: int, seed: int) -> dict:
+    """Normalisation statistics from up to ``n`` training chips (items of the ``ChipDataset`` layout)."""
     rng = np.random.default_rng(seed)
-    idx = rng.choice(len(ds), size=min(n, len(ds)), replace=False)
+    size = len(ds)  # type: ignore[arg-type]
+    idx = rng.choice(size, size=min(n, size), replace=False)
     items = [ds[int(i)] for i in idx]
-    return fit_stats({m: torch.stack([it[m] for it in items]).numpy() for m in ds.modalities}, "chips", ds.channels)
-
-
-def chip_labels(ds: ChipDataset) -> np.ndarray:
-    """All labels of a chip dataset (for class weights)."""
-    return np.concatenate([ds[i]["y"].numpy().ravel() for i in range(len(ds))])
+    return fit_stats({m: torch.stack([it[m] for it in items]).numpy() for m in ds.modalities}, "chips", ds.channels)  # type: ignore[attr-defined]
 
 
 def run(settings: TrainSettings, stack_dir: Path, labels_tif: Path, chips_parquet: Path, grid: Grid,
@@ -358,16 +366,7 @@ def run(settings: TrainSettings, stack_dir: Path, labels_tif: Path, chips_parque
                                 settings.seed, splits=("train", "val"), bands=settings.bands)
         train_s, val_s = samples.subset(np.flatnonzero(samples.split == 0)), samples.subset(np.flatnonzero(samples.split == 1))
         return fit_pixels(settings, train_s, val_s, out_ckpt, work_dir, inputs=inputs, summary_json=summary_json)
-    args = (stack_dir, labels_tif)
-    tr = chips[(chips.split == "train") & (chips.n_labelled > 0)]
-    va = chips[(chips.split == "val") & (chips.n_labelled > 0)]
-    train_ds = ChipDataset(*args, tr, grid, settings.months, settings.modalities, settings.min_valid_fraction, settings.bands)
-    val_ds = ChipDataset(*args, va, grid, settings.months, settings.modalities, settings.min_valid_fraction, settings.bands)
-    if len(tr) == 0 or len(va) == 0:
-        raise LabelError(f"{labels_tif}: {len(tr)} training and {len(va)} validation chips with labels; enlarge the region or lower split.block_size")
-    return fit(settings, train_ds, val_ds, chip_stats(train_ds, 256, settings.seed),
-               balanced_weights(chip_labels(train_ds), n_classes(settings.classes)), out_ckpt, work_dir, inputs=inputs,
-               summary_json=summary_json)
+    return fit_chips(settings, stack_dir, labels_tif, chips, out_ckpt, work_dir, inputs=inputs, summary_json=summary_json)
 
 
 def run_samples(settings: TrainSettings, samples_npz: Path, out_ckpt: Path, work_dir: Path,
@@ -389,6 +388,41 @@ def run_samples(settings: TrainSettings, samples_npz: Path, out_ckpt: Path, work
     return fit_pixels(settings, train_s, val_s, out_ckpt, work_dir, inputs=[samples_npz], summary_json=summary_json)
 
 
+def fit_chips(settings: TrainSettings, stack_dir: Path, labels_tif: Path, chips: pd.DataFrame, out_ckpt: Path,
+              work_dir: Path, inputs: Sequence[Path] = (), summary_json: Path | None = None) -> dict[str, Any]:
+    """Train a segmentation model on the labelled chips of the train and val splits.
+
+    The chips are read once into memory (:func:`cropmap.segdata.read_chips`, at most
+    ``cache_mb``: a random subset of the training chips when more are labelled); every epoch
+    draws ``windows_per_epoch`` random windows (default: one per training chip) with random
+    quarter turns and flips (:class:`cropmap.segdata.RandomWindowSampler`). Validation uses
+    the val chips as they are.
+    """
+    from cropmap.segdata import CachedChips, RandomWindowSampler, chip_bytes, read_chips
+
+    labelled = chips[chips.n_labelled > 0]
+    tr, va = labelled[labelled.split == "train"], labelled[labelled.split == "val"]
+    if len(tr) == 0 or len(va) == 0:
+        raise LabelError(f"{labels_tif}: {len(tr)} training and {len(va)} validation chips with labels; enlarge the region or lower split.block_size")
+    per_chip = chip_bytes(int(tr["size"].iloc[0]), settings.months, settings.modalities, settings.bands)
+    fit_n = max(1, settings.cache_mb * 2**20 // per_chip - len(va))
+    if len(tr) > fit_n:
+        log.warning("%d training chips do not fit in training.segmentation.cache_mb=%d; training on a random %d",
+                    len(tr), settings.cache_mb, fit_n)
+        tr = tr.sample(n=fit_n, random_state=settings.seed).sort_index()
+    read = {name: read_chips(stack_dir, labels_tif, part, settings.months, settings.modalities, settings.min_valid_fraction,
+                             bands=settings.bands)
+            for name, part in (("train", tr), ("val", va))}
+    log.info("chips in memory: %d train, %d val (%.0f MB)", len(read["train"]), len(read["val"]),
+             sum(c.nbytes for c in read.values()) / 2**20)
+    train_ds, val_ds = CachedChips(read["train"]), CachedChips(read["val"])
+    sampler = RandomWindowSampler(train_ds.nbr, read["train"].size, settings.windows_per_epoch or len(train_ds),
+                                  settings.seed, settings.augment)
+    weights = balanced_weights(read["train"].y.ravel(), n_classes(settings.classes))
+    return fit(settings, train_ds, val_ds, chip_stats(train_ds, 256, settings.seed), weights, out_ckpt, work_dir,
+               inputs=inputs, summary_json=summary_json, sampler=sampler)
+
+
 def fit_pixels(settings: TrainSettings, train_s: PixelSamples, val_s: PixelSamples, out_ckpt: Path, work_dir: Path,
                inputs: Sequence[Path] = (), summary_json: Path | None = None) -> dict[str, Any]:
     """Train a classification model on in-memory pixel samples (regions or sample tables).
@@ -406,12 +440,14 @@ def fit_pixels(settings: TrainSettings, train_s: PixelSamples, val_s: PixelSampl
 
 
 def fit(settings: TrainSettings, train_ds: Dataset, val_ds: Dataset, stats: dict, weights: list[float],
-        out_ckpt: Path, work_dir: Path, inputs: Sequence[Path] = (), summary_json: Path | None = None) -> dict[str, Any]:
+        out_ckpt: Path, work_dir: Path, inputs: Sequence[Path] = (), summary_json: Path | None = None,
+        sampler: EpochShuffleSampler | None = None) -> dict[str, Any]:
     """Run the Lightning loop and write the ``model.ckpt`` bundle (resuming from ``last.ckpt``).
 
     The checkpoints in ``work_dir`` are deleted once ``model.ckpt`` is written, so only a killed
     run is ever resumed. The summary goes to ``summary_json`` (default ``train_summary.json``
-    beside ``out_ckpt``) and into the bundle.
+    beside ``out_ckpt``) and into the bundle. ``sampler`` draws the training items of each epoch
+    (default: every item of ``train_ds`` once, shuffled by :class:`EpochShuffleSampler`).
     """
     L.seed_everything(settings.seed, workers=True)
     n_train, n_val = len(train_ds), len(val_ds)  # type: ignore[arg-type]
@@ -421,9 +457,11 @@ def fit(settings: TrainSettings, train_ds: Dataset, val_ds: Dataset, stats: dict
     module = CoLearningModule(settings.model_kwargs(), stats, settings.lr, weights)
     loader_kw: dict[str, Any] = {"num_workers": settings.num_workers, "persistent_workers": settings.num_workers > 0}
     # own generators: creating a loader's iterator must not draw from the global RNG
-    train_dl = DataLoader(train_ds, batch_size=settings.batch_size, sampler=EpochShuffleSampler(n_train, settings.seed),
+    sampler = sampler or EpochShuffleSampler(n_train, settings.seed)
+    n_draws = sampler.n
+    train_dl = DataLoader(train_ds, batch_size=settings.batch_size, sampler=sampler,
                           generator=torch.Generator().manual_seed(settings.seed),
-                          drop_last=n_train > settings.batch_size and n_train % settings.batch_size < 2, **loader_kw)
+                          drop_last=n_draws > settings.batch_size and n_draws % settings.batch_size < 2, **loader_kw)
     val_dl = DataLoader(val_ds, batch_size=settings.batch_size * 2, shuffle=False,
                         generator=torch.Generator().manual_seed(settings.seed), **loader_kw)
     resume = resume_checkpoint(work_dir, fingerprint(settings, inputs))

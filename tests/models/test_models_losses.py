@@ -334,3 +334,66 @@ def test_segmentation_ce_ignores_unlabelled(method, build_fn, batch_fn):
     sup = [k for k in loss if k in ("main", "miss_ce", "ce_s2", "ce_dem")]
     assert sup and all(loss[k].item() == 0.0 for k in sup)
     assert torch.isfinite(loss["total"])
+
+
+# ---------------------------------------------------------------- segmentation: pixels as samples
+
+
+def test_pixel_index_draws_pixels_with_data():
+    from cropmap.models.fusion import pixel_index, pixel_rows
+
+    g = torch.Generator().manual_seed(0)
+    avail = torch.rand(3, 4, 6, 6, generator=g) < 0.3
+    cand = avail.any(1).flatten().nonzero().squeeze(1)
+    drawn = pixel_index(avail, 20, torch.Generator().manual_seed(1))
+    assert len(drawn) == 20 and len(set(drawn.tolist())) == 20 and set(drawn.tolist()) <= set(cand.tolist())
+    assert torch.equal(drawn, pixel_index(avail, 20, torch.Generator().manual_seed(1)))
+    assert not torch.equal(drawn, pixel_index(avail, 20, torch.Generator().manual_seed(2)))
+    even = pixel_index(avail, 20, random=False)
+    assert torch.equal(even, pixel_index(avail, 20, random=False)) and set(even.tolist()) <= set(cand.tolist())
+    assert torch.equal(pixel_index(avail, 10_000), cand)  # fewer candidates than asked: all of them
+    z = torch.randn(3, 5, 6, 6)
+    flat = z.permute(0, 2, 3, 1).reshape(-1, 5)
+    assert torch.equal(pixel_rows(z, drawn), flat[drawn])
+    assert torch.equal(pixel_rows(avail, drawn), avail.permute(0, 2, 3, 1).reshape(-1, 4)[drawn])
+
+
+@pytest.mark.parametrize("method", ["comiss", "mdico"])
+def test_segmentation_feature_terms_use_pixels_as_samples(build_fn, batch_fn, method):
+    """For chips the contrastive/discriminant terms run on drawn pixels (evenly spaced in eval)."""
+    from cropmap.models.fusion import pixel_index, pixel_rows
+
+    torch.manual_seed(0)
+    model = build_fn(method, "segmentation", contrast_pixels=50).eval()
+    mask = torch.ones(3, 4, 8, 8, dtype=torch.bool)
+    mask[0, 1] = False  # chip 0 without s1
+    mask[1, 0, :4] = False  # s2 missing on half of chip 1
+    mask[2, :, :2, :2] = False  # no data in a corner of chip 2
+    batch = batch_fn("segmentation", b=3, mask=mask)
+    with torch.no_grad():
+        out = model(batch)
+        loss = model.loss(out, batch)
+    idx = pixel_index(out["avail"], 50, random=False)
+    assert len(idx) == 50
+    av = t2n(pixel_rows(out["avail"], idx)).astype(bool)
+    if method == "comiss":
+        h = model.hidden // 2
+        feats = {m: t2n(pixel_rows(f, idx)) for m, f in out["features"].items()}
+        cont = _cont_np(feats, av, slice(0, h), lambda a, b: np_info_nce(a, b, 0.07))
+        wm, bm = t2n(model.mod_head.lin.weight), t2n(model.mod_head.lin.bias)
+        mod = sum(np_ce(feats[m][av[:, i]][:, h:] @ wm.T + bm, np.full(av[:, i].sum(), i))
+                  for i, m in enumerate(model.modalities))
+        assert close(loss["mod"], mod, 1e-4)
+    else:
+        shared = {m: t2n(pixel_rows(f, idx)) for m, f in out["shared"].items()}
+        cont = _cont_np(shared, av, slice(None), lambda a, b: 0.5 * (np_info_nce(a, b, 0.1) + np_info_nce(b, a, 0.1)))
+    assert close(loss["cont"], cont, 1e-4)
+    model.train()
+
+    def drawn_cont(seed: int) -> torch.Tensor:
+        torch.manual_seed(5)  # same dropout
+        model.generator = torch.Generator().manual_seed(seed)
+        return model.loss(model(batch), batch)["cont"]
+
+    assert torch.equal(drawn_cont(3), drawn_cont(3)), "the draw follows the method's generator"
+    assert not torch.equal(drawn_cont(3), drawn_cont(4))

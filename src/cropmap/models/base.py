@@ -16,15 +16,16 @@ Common contract (see ``cropmap.models`` for the batch layout):
   keys in eval mode, where ModDrop-style terms drop nothing (a deterministic validation loss).
   Supervised terms ignore positions without label (``-100``) and, for per-modality terms, positions where
   that modality is missing.
-* For segmentation the feature-level terms (contrastive, modality discriminant) use per-chip
-  features, mean-pooled over the pixels where the modality is available; the predictive and
-  distillation terms are per pixel.
+* For segmentation the samples of the feature-level terms (contrastive, modality discriminant)
+  are pixels: up to ``contrast_pixels`` (default 512) drawn across the chip batch where a
+  modality is present, the other drawn pixels being the negatives (as the samples of a
+  classification batch); the predictive and distillation terms are per pixel.
 """
 
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -34,7 +35,7 @@ from cropmap.errors import UnknownNameError
 from cropmap.modalities import MODALITIES, TEMPORAL
 from cropmap.models import losses as L
 from cropmap.models.encoders import build_encoder
-from cropmap.models.fusion import fuse_mean, moddrop_keep
+from cropmap.models.fusion import fuse_mean, moddrop_keep, pixel_index, pixel_rows
 from cropmap.models.heads import PredictionHead
 from cropmap.models.registry import TASKS, Task
 
@@ -245,6 +246,19 @@ class CoLearningModel(nn.Module, abc.ABC):
 
     def _kd(self, teacher: Tensor, student: Tensor, tau: float, valid: Tensor | None) -> Tensor:
         return L.distill_loss(self.head_kind, teacher, student, tau, valid)
+
+    def _sample_rows(self, avail: Tensor, n: int) -> tuple[Callable[[Tensor], Tensor], Tensor]:
+        """The samples of the feature-level terms: a gather function and their availability ``[N, M]``.
+
+        Classification: the batch's samples (identity). Segmentation: up to ``n`` pixels of the
+        chip batch with data (:func:`~cropmap.models.fusion.pixel_index`; random in training,
+        evenly spaced in eval), so the contrastive and modality-discriminant terms see pixels as
+        the papers' samples, with the other drawn pixels as negatives.
+        """
+        if not self.spatial:
+            return (lambda z: z), avail
+        idx = pixel_index(avail, n, self.generator, self.training)
+        return (lambda z: pixel_rows(z, idx)), pixel_rows(avail, idx)
 
     @torch.no_grad()
     def predict_proba(self, batch: Batch) -> Tensor:

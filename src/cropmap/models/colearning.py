@@ -25,7 +25,6 @@ from torch import Tensor, nn
 
 from cropmap.models import losses as L
 from cropmap.models.base import Batch, DecisionLevelModel, Output
-from cropmap.models.fusion import masked_pool
 from cropmap.models.heads import LinearHead, PredictionHead
 from cropmap.models.registry import register_method
 
@@ -44,20 +43,23 @@ class _FeatureCoLearning(DecisionLevelModel):
       the same sample, negatives the other samples of the batch where both are available.
 
     The paper does not say how one encoder yields both feature sets; splitting its output in
-    halves is the MDiCo code's convention for its specific/unused features.
+    halves is the MDiCo code's convention for its specific/unused features. For chips, ``mod``
+    and ``cont`` run on ``contrast_pixels`` pixels drawn across the batch (the paper's samples are
+    pixels; see :meth:`~cropmap.models.base.CoLearningModel._sample_rows`).
     """
 
-    def __init__(self, *, gamma: float = 0.07, tau: float = 0.5, **kw: Any):
+    def __init__(self, *, gamma: float = 0.07, tau: float = 0.5, contrast_pixels: int = 512, **kw: Any):
         super().__init__(**kw)
         self.gamma, self.tau = gamma, tau
+        self.contrast_pixels = contrast_pixels
         self.n_sha = self.hidden // 2
         self.mod_head = LinearHead(self.hidden - self.n_sha, len(self.modalities))
 
     def _feature_terms(self, out: Output) -> dict[str, Tensor]:
         avail, feats = out["avail"], out["features"]
-        pooled, valid = {}, {}
-        for i, m in enumerate(self.modalities):
-            pooled[m], valid[m] = masked_pool(feats[m], avail[:, i])
+        rows, avail_rows = self._sample_rows(avail, self.contrast_pixels)
+        pooled = {m: rows(feats[m]) for m in self.modalities}
+        valid = {m: avail_rows[:, i] for i, m in enumerate(self.modalities)}
         zero = torch.zeros((), device=avail.device)
         mod = sum(
             (
@@ -175,9 +177,10 @@ class MDiCo(DecisionLevelModel):
     """
 
 
-    def __init__(self, *, temperature: float = 0.1, **kw: Any):
+    def __init__(self, *, temperature: float = 0.1, contrast_pixels: int = 512, **kw: Any):
         super().__init__(**kw)
         self.temperature = temperature
+        self.contrast_pixels = contrast_pixels
         half = self.hidden // 2
         self.d_half = half
         self.shared_encoders = self._encoders()
@@ -221,6 +224,7 @@ class MDiCo(DecisionLevelModel):
         zero = torch.zeros((), device=avail.device)
         main, aux, disc = zero, zero, zero
         pooled: dict[str, dict[str, Tensor]] = {"specific": {}, "unused": {}, "shared": {}}
+        rows, avail_rows = self._sample_rows(avail, self.contrast_pixels)
         valid: dict[str, Tensor] = {}
         for i, m in enumerate(self.modalities):
             a = avail[:, i]
@@ -230,7 +234,8 @@ class MDiCo(DecisionLevelModel):
                 + self._sup(self.aux_head(out["shared"][m]), y, a)
             ) / (2 * n_mod)
             for k in pooled:
-                pooled[k][m], valid[m] = masked_pool(out[k][m], a)
+                pooled[k][m] = rows(out[k][m])
+            valid[m] = avail_rows[:, i]
             disc = disc + (
                 L.modality_ce(self.disc_specific(pooled["specific"][m]), i, valid[m])
                 + L.modality_ce(self.disc_unused(pooled["unused"][m]), i, valid[m])

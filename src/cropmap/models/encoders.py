@@ -9,7 +9,7 @@ Classification (pixel time series):
 
 Segmentation (chips): :class:`UNetEncoder` maps ``[B, C_in, H, W]`` -> ``[B, D, H, W]``. Temporal
 modalities enter it with their time steps stacked as channels (``C_in = T * C``, time-major as in
-the stacks), so the time axis is mixed by the first convolution; a static modality uses its bands
+the stacks), so the time axis is mixed by its per-pixel stem; a static modality uses its bands
 (``C_in = C``). ``"smp:<encoder>"`` (e.g. ``"smp:resnet18"``) builds a
 segmentation-models-pytorch U-Net (random init, depth 3) with the same contract instead.
 
@@ -166,36 +166,54 @@ def _double_conv(c_in: int, c_out: int) -> nn.Sequential:
     )
 
 
-class UNetEncoder(nn.Module):
-    """Small two-level U-Net: ``[B, C_in, H, W]`` -> per-pixel features ``[B, hidden, H, W]``.
+def _pointwise(c_in: int, c_out: int) -> list[nn.Module]:
+    return [nn.Conv2d(c_in, c_out, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
 
-    Widths ``w, 2w, 4w`` with ``w = max(hidden // 8, 8)`` (16/32/64 at hidden=128, ~0.1 M
-    parameters, ~25 MMAC per 32x32 chip: trains on CPU). H and W must be divisible by 4. Temporal
-    modalities are given with time steps stacked as channels (``C_in = T * C``).
+
+class UNetEncoder(nn.Module):
+    """Per-pixel temporal stem + small two-level U-Net: ``[B, C_in, H, W]`` -> ``[B, hidden, H, W]``.
+
+    * **stem**: 2 x [1x1 conv -> BN -> ReLU] to ``hidden`` channels, i.e. a per-pixel MLP over the
+      stacked time series (the segmentation analogue of TempCNN's dense layers): the ``T * C``
+      input channels are encoded at full width before any spatial mixing;
+    * **U-Net** on the stem features: widths ``w, 2w, 4w`` (``w = width`` or
+      ``max(hidden // 4, 8)``), two poolings, transposed-conv upsampling with skips;
+    * **out**: 1x1 conv over ``[decoder, stem]``: the pixel's own features reach the output
+      unblurred (field edges), the U-Net adds the neighbourhood.
+
+    Why the stem: the earlier plain U-Net (first 3x3 conv straight from ``T * C = 120`` S2
+    channels to ``hidden // 8 = 8``) squeezed each pixel's time series into 8 numbers, and the
+    ``hidden``-wide output was a 1x1 projection of them (rank 8): the classifier and the
+    co-learning feature terms (shared/specific halves, contrastive) competed for those 8
+    dimensions and the contrastive term won (Co-Miss stayed near chance on the demo region).
+    At ``hidden=64`` this encoder has ~0.14 M parameters and ~50 kMAC per pixel for S2
+    (H and W must be divisible by 4).
     """
 
-    def __init__(self, in_channels: int, hidden: int = 128, dropout: float = 0.2):
+    def __init__(self, in_channels: int, hidden: int = 128, dropout: float = 0.2, width: int | None = None):
         super().__init__()
-        w = max(hidden // 8, 8)
-        self.enc1 = _double_conv(in_channels, w)
+        w = width or max(hidden // 4, 8)
+        self.stem = nn.Sequential(*_pointwise(in_channels, hidden), *_pointwise(hidden, hidden))
+        self.enc1 = _double_conv(hidden, w)
         self.enc2 = _double_conv(w, 2 * w)
         self.bott = nn.Sequential(_double_conv(2 * w, 4 * w), nn.Dropout2d(dropout))
         self.up2 = nn.ConvTranspose2d(4 * w, 2 * w, 2, stride=2)
         self.dec2 = _double_conv(4 * w, 2 * w)
         self.up1 = nn.ConvTranspose2d(2 * w, w, 2, stride=2)
         self.dec1 = _double_conv(2 * w, w)
-        self.out = nn.Conv2d(w, hidden, 1)
+        self.out = nn.Conv2d(w + hidden, hidden, 1)
         self.pool = nn.MaxPool2d(2)
         self.out_dim = hidden
 
     def forward(self, x: Tensor) -> Tensor:
         """``x [B, C_in, H, W]`` -> ``[B, hidden, H, W]``."""
-        e1 = self.enc1(x)
+        s = self.stem(x)
+        e1 = self.enc1(s)
         e2 = self.enc2(self.pool(e1))
         b = self.bott(self.pool(e2))
         d2 = self.dec2(torch.cat([self.up2(b), e2], 1))
         d1 = self.dec1(torch.cat([self.up1(d2), e1], 1))
-        return self.out(d1)
+        return self.out(torch.cat([d1, s], 1))
 
 
 class SMPUNetEncoder(nn.Module):

@@ -39,7 +39,8 @@ def build_model(
         **method_kwargs: ``class_weights``, ``generator``, ``dropout`` for every method, plus
             ``alpha`` (ModDrop keep probability: comiss, dsensd, moddrop), ``tau`` (KD
             temperature: fullco, comiss, dsensd), ``gamma`` (InfoNCE temperature: fullco,
-            comiss), ``temperature`` (NT-Xent: mdico).
+            comiss), ``temperature`` (NT-Xent: mdico), ``contrast_pixels`` (segmentation: pixels
+            drawn per batch for the feature-level terms: fullco, comiss, mdico).
 
     Raises:
         UnknownNameError: unknown method (the message lists the registered ones), task, head,

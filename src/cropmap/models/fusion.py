@@ -1,4 +1,4 @@
-"""Decision/feature fusion over available modalities, ModDrop draws and masked pooling."""
+"""Decision/feature fusion over available modalities, ModDrop draws, masked pooling and pixel draws."""
 
 from __future__ import annotations
 
@@ -82,3 +82,36 @@ def masked_pool(z: Tensor, avail: Tensor) -> tuple[Tensor, Tensor]:
     w = avail.unsqueeze(1).to(z.dtype)
     n = w.flatten(2).sum(2)
     return (z * w).flatten(2).sum(2) / n.clamp(min=1.0), n[:, 0] > 0
+
+
+def pixel_index(avail: Tensor, n: int, generator: torch.Generator | None = None, random: bool = True) -> Tensor:
+    """Up to ``n`` pixels of a chip batch where at least one modality is available.
+
+    The feature-level terms of the co-learning methods (contrastive, modality discriminant) are
+    defined on samples; for chips the samples are pixels, drawn across the whole batch so that
+    the negatives of a pixel are mostly pixels of other fields and chips.
+
+    Args:
+        avail: bool ``[B, M, H, W]``.
+        n: pixels to draw (all candidates when there are fewer).
+        generator: RNG of the random draw; the global one when None.
+        random: uniform draw without replacement (training) or evenly spaced candidates (eval:
+            a deterministic loss).
+
+    Returns:
+        int64 ``[n']`` flat indices into ``B * H * W`` (``n' = min(n, candidates)``), ascending.
+    """
+    cand = avail.any(1).flatten().nonzero().squeeze(1)
+    if cand.numel() <= n:
+        return cand
+    if random:
+        pick = _rand((cand.numel(),), cand, generator).topk(n).indices
+        return cand[pick].sort().values
+    step = cand.numel() / n
+    return cand[(torch.arange(n, device=cand.device) * step).long()]
+
+
+def pixel_rows(z: Tensor, idx: Tensor) -> Tensor:
+    """Rows of a chip tensor ``[B, D, H, W]`` at flat pixel indices ``idx`` -> ``[len(idx), D]``."""
+    hw = z.shape[-2] * z.shape[-1]
+    return z.flatten(2)[idx // hw, :, idx % hw]

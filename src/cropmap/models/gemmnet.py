@@ -81,9 +81,12 @@ from cropmap.models.registry import register_method
 from cropmap.models.spatial import Block, ChipModel, group_norm, sincos_2d
 
 #: Size presets: ``base`` is the authors' code (BASIC_DIMS 8, transformer 256 / 8 heads / MLP
-#: 512, generator gf 32, discriminator df 64); ``tiny`` is for CPU tests.
+#: 512, generator gf 32, discriminator df 64); ``tiny`` is the CPU default: the code's encoder
+#: width 8 with a small transformer and generators (width 4 squeezed the 120 stacked S2 channels
+#: into 4 at full resolution: 83.5 against 90.5 validation weighted F1 on the demo region after
+#: 600 steps, see docs/segmentation.md).
 PRESETS: dict[str, dict[str, int]] = {
-    "tiny": {"width": 4, "tdim": 32, "heads": 2, "gf": 8, "df": 8},
+    "tiny": {"width": 8, "tdim": 32, "heads": 2, "gf": 8, "df": 8},
     "base": {"width": 8, "tdim": 256, "heads": 8, "gf": 32, "df": 64},
 }
 GENERATORS: tuple[str, ...] = ("ae", "cgan")
@@ -108,7 +111,7 @@ class GEMMNet(ChipModel):
     Args:
         generator: ``"ae"`` (default) or ``"cgan"``. A :class:`torch.Generator` is accepted here
             as the random-number generator, as for the other methods (then the kind is ``ae``).
-        preset: ``"tiny"`` (CPU tests) or ``"base"`` (the authors' widths; GPU).
+        preset: ``"tiny"`` (CPU) or ``"base"`` (the authors' widths; GPU).
         width, tdim, heads, gf, df: override the preset (None keeps it).
         rec_weight: factor of the reconstruction (and discriminator) terms; None = 1 for ``ae``,
             0.05 for ``cgan`` (the code's GAN-loss scale).
