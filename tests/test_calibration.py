@@ -87,3 +87,13 @@ def test_calibrated_divides_by_the_temperature_of_each_subset() -> None:
     got = Calibrated(_Fixed(lg), [1.0, 2.0, 0.5, 4.0])({"mask": pm})["logits"]
     t = torch.tensor([[4.0, 0.5], [2.0, 4.0]])
     assert torch.allclose(got, lg / t)
+
+
+def test_calibrated_shows_the_model_attributes_even_one_named_temperature() -> None:
+    """MDiCo has its own ``temperature`` (NT-Xent): wrapping it must neither clash nor hide it."""
+    inner = _Fixed(torch.zeros(2, 3))
+    inner.temperature = 0.07
+    inner.modalities = ["s2", "s1"]
+    wrapped = Calibrated(inner, [1.0, 2.0, 0.5, 4.0])
+    assert wrapped.temperature == 0.07 and wrapped.modalities == ["s2", "s1"]
+    assert wrapped.subset_temperatures.tolist() == [1.0, 2.0, 0.5, 4.0]

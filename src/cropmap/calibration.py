@@ -106,18 +106,18 @@ class Calibrated(nn.Module):
 
     def __init__(self, model: nn.Module, temperatures: Sequence[float] | Tensor) -> None:
         super().__init__()
+        self.subset_temperatures: Tensor  # registered before the model: its attributes show through
+        self.register_buffer("subset_temperatures", torch.as_tensor(temperatures, dtype=torch.float32).clone())
         self.model = model
-        self.temperature: Tensor
-        self.register_buffer("temperature", torch.as_tensor(temperatures, dtype=torch.float32).clone())
 
     def forward(self, batch: Mapping[str, Any]) -> dict[str, Any]:
         out = dict(self.model(batch))
         avail = out["avail"]
         if avail.dim() == 2:
-            t = self.temperature.to(out["logits"].device)[subset_codes(avail)].view(-1, 1)
+            t = self.subset_temperatures.to(out["logits"].device)[subset_codes(avail)].view(-1, 1)
         else:  # per-pixel masks [B, M, H, W]
             codes = subset_codes(avail.movedim(1, -1).reshape(-1, avail.shape[1]))
-            t = self.temperature.to(out["logits"].device)[codes].view(avail.shape[0], *avail.shape[2:]).unsqueeze(1)
+            t = self.subset_temperatures.to(out["logits"].device)[codes].view(avail.shape[0], *avail.shape[2:]).unsqueeze(1)
         out["logits"] = out["logits"] / t.to(out["logits"].dtype)
         return out
 
