@@ -38,7 +38,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import yaml
-
 from compare_table import DEFAULT, ROOT
 from compare_table import config as table_config
 

@@ -289,7 +289,7 @@ def cmd_report(a: argparse.Namespace, p: dict[str, Any]) -> None:
 
 #: The arguments naming each stage's outputs: none is left behind when the stage fails.
 OUTPUTS: dict[str, tuple[str, ...]] = {
-    "fetch": ("raw_dir", "availability"), "stack": ("out_dir",), "labels": ("out_tif", "out_gpkg"),
+    "fetch": ("raw_dir", "availability"), "stack": ("out_dir",), "labels": ("out_tif", "out_gpkg"), "samples": ("out",),
     "fold": ("out_tif", "out_chips"), "chips": ("out",), "train": ("out", "summary"), "pretrain": ("out",),
     "predict": ("out",), "mosaic": ("out", "quicklook", "stac", "proba"), "expected_f1": ("out",),
     "coverage": ("out",), "metrics": ("out", "confusion"), "area": ("out_csv", "out_json"),
