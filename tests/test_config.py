@@ -61,7 +61,7 @@ def test_shipped_config_is_valid_and_filled_with_defaults() -> None:
         (lambda c: c.update(data_dir="data{x}"), "config key data_dir: 'data{x}' is not a usable folder name"),
         (lambda c: c["regions"].update(other=dict(c["regions"]["tiny"], season={"start": "2023-04", "end": "2023-09"},
                                                   model_from="tiny", source="stac")),
-         "config key regions.other.season: 6 month(s), but the model of tiny (model_from) takes 12"),
+         "config key regions.other.season: regions.other and its model tiny: the season 2023-04 .. 2023-09 (6 months)"),
     ],
 )
 def test_bad_values_stop_with_one_line(tmp_path: Path, mutate, fragment: str) -> None:

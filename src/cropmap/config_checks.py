@@ -90,12 +90,6 @@ def check_region(config: dict, name: str, region: dict) -> None:
     if n > MAX_MONTHS:
         raise ConfigError(f"config key {key}.season: {n} months, at most {MAX_MONTHS}; "
                           "a season is the months of one crop cycle (e.g. {start: 2023-01, end: 2023-12})")
-    frm = region.get("model_from")
-    if frm is not None and frm in config["regions"]:
-        n_from = len(region_months(config["regions"][frm]))
-        if n != n_from:
-            raise ConfigError(f"config key {key}.season: {n} month(s), but the model of {frm} (model_from) takes "
-                              f"{n_from}; give both regions seasons of the same length")
     if region.get("bbox") is None:
         return  # the grid is the files' footprint, read by cropmap.config
     try:
