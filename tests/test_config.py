@@ -134,7 +134,7 @@ def test_segmentation_trains_with_its_own_recipe(tmp_path: Path) -> None:
     assert (cls.epochs, cls.batch_size, cls.lr) == (cfg["training"]["epochs"], cfg["training"]["batch_size"], cfg["training"]["lr"])
     assert (seg.epochs, seg.patience, seg.batch_size, seg.lr) == (recipe["epochs"], recipe["patience"], recipe["batch_size"], recipe["lr"])
     assert seg.batch_size < cls.batch_size and seg.device == cls.device and seg.hidden == cls.hidden
-    assert (seg.windows_per_epoch, seg.augment, seg.cache_mb) == (None, True, recipe["cache_mb"])
+    assert (seg.windows_per_epoch, seg.window_augment, seg.cache_mb) == (None, True, recipe["cache_mb"])
     cfg = validate(tiny_config(tmp_path, compare={"epochs": 3, "regions": ["tiny"]}))
     p = stage_params(cfg, "train", "tiny", method="imt")
     assert p["training"]["epochs"] == p["training"]["segmentation"]["epochs"] == 3

@@ -157,7 +157,7 @@ def test_tile_equals_one_big_batch_and_probabilities_sum_to_100(tmp_path: Path, 
     assert (res.cls.ravel()[sel] == big.argmax(0)).mean() > 0.999
 
 
-@pytest.mark.parametrize(("task", "method"), [(t, m) for t in ("classification", "segmentation") for m in methods_for(t)])  # type: ignore[arg-type]
+@pytest.mark.parametrize(("task", "method"), [(t, m) for t in ("classification", "segmentation") for m in methods_for(t, gradient=True)])  # type: ignore[arg-type]
 def test_inference_rewrites_keep_the_function(tmp_path: Path, task: str, method: str) -> None:
     """Every method: BatchNorm folded, channels-last layouts where they keep the logits."""
     model, norm, b = load_bundle(bundle(tmp_path, task, method))

@@ -112,9 +112,10 @@ def test_s1_gap_strip_has_s1_bit_cleared(run: Path) -> None:
 def test_metrics_have_every_subset(run: Path) -> None:
     df = pd.read_csv(run / "results/tiny/metrics.csv")
     assert len(df) == 15
-    assert list(df.columns) == ["subset", "n_modalities", "n", "f1_weighted", "f1_macro", "accuracy"]
+    assert list(df.columns) == ["subset", "n_modalities", "n", "f1_weighted", "f1_macro", "accuracy", "ece"]
     assert df["n"].gt(0).all()
     assert df[["f1_weighted", "f1_macro", "accuracy"]].apply(lambda c: c.between(0, 100)).all().all()
+    assert df["ece"].between(0, 1).all()
 
 
 def test_expected_f1_layer_looks_up_each_pixels_subset(run: Path) -> None:
@@ -139,13 +140,14 @@ def test_compare_protocol_has_every_method_and_subset(run: Path) -> None:
     from cropmap.config import validate
 
     methods = validate(cfg)["compare"]["methods"]
-    assert list(table.columns) == ["region", "method", "subset", "f1_weighted", "f1_macro", "accuracy", "n"]
+    assert list(table.columns) == ["region", "method", "subset", "f1_weighted", "f1_macro", "accuracy", "ece", "n"]
     assert len(table) == len(methods) * 15
     assert set(table["method"]) == set(methods)
     assert table.groupby("method")["subset"].nunique().eq(15).all()
     summary = pd.read_csv(run / "results/compare/summary.csv")
     assert set(summary["method"]) == set(methods)
-    assert {"moderate", "extreme", "overall", "full"} <= set(summary.columns)
+    assert {"moderate", "extreme", "overall", "full", "ece"} <= set(summary.columns)
+    assert {"trees_dedicated", "trees_nan"} <= set(methods)  # the tree references run beside the neural methods
     row = table[table.method == methods[0]]
     k = row.subset.str.count(r"\+") + 1
     assert abs(summary.loc[summary.method == methods[0], "extreme"].item() - row.loc[k == 1, "f1_weighted"].mean()) < 0.02
@@ -162,7 +164,7 @@ def test_compare_cross_validation_reports_mean_and_std_over_folds(run: Path) -> 
     finally:
         (run / "config.yaml").write_text(original)
     table = pd.read_csv(run / "results/compare/table.csv")
-    assert list(table.columns) == ["region", "fold", "method", "subset", "f1_weighted", "f1_macro", "accuracy", "n"]
+    assert list(table.columns) == ["region", "fold", "method", "subset", "f1_weighted", "f1_macro", "accuracy", "ece", "n"]
     assert len(table) == 3 * 2 * 15 and sorted(table["fold"].unique()) == [0, 1, 2]
     # each fold tests other blocks: the test pixels differ between folds
     splits = []
@@ -285,6 +287,27 @@ def test_train_summary_has_the_history_and_the_report_shows_it(run: Path) -> Non
                 "val_loss", "val_acc"} <= set(h), h
     page = (run / "results/report.html").read_text()
     assert "alt='training curves tiny'" in page and "No per-epoch history" not in page
+
+
+def test_tree_reference_draws_the_map(run: Path) -> None:
+    import torch
+
+    original = (run / "config.yaml").read_text()
+    cfg = yaml.safe_load(original)
+    cfg["model"]["method"] = "trees_dedicated"
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    try:
+        snakemake(run, "maps")
+        with rasterio.open(run / "results/tiny/map.tif") as src:
+            cls, conf, bits = src.read()
+            assert src.tags()["cropmap_method"] == "trees_dedicated"
+        bundle = torch.load(run / "models/tiny/classification/model.ckpt", weights_only=False)
+        assert bundle["summary"]["method"] == "trees_dedicated" and bundle["summary"]["epochs"] == 0
+        assert len(bundle["calibration"]["temperatures"]) == 16
+    finally:
+        (run / "config.yaml").write_text(original)
+    assert ((bits == 0) == (cls == 255)).all() and (cls != 255).mean() > 0.9
+    assert conf[cls != 255].max() <= 100
 
 
 def test_report_shows_the_summary_of_the_model_that_mapped_a_region(run: Path) -> None:

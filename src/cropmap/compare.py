@@ -21,7 +21,7 @@ from cropmap.io import atomic_path
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-TABLE_COLUMNS = ["method", "subset", "f1_weighted", "f1_macro", "accuracy", "n"]
+TABLE_COLUMNS = ["method", "subset", "f1_weighted", "f1_macro", "accuracy", "ece", "n"]
 
 
 def summarise(table: pd.DataFrame, metric: str = "f1_weighted") -> pd.DataFrame:
@@ -33,7 +33,9 @@ def summarise(table: pd.DataFrame, metric: str = "f1_weighted") -> pd.DataFrame:
 
     Returns:
         One row per method (per region when present): ``moderate, extreme, overall, full``
-        (``full`` = all modalities present), plus ``*_std`` over folds when a ``fold`` column exists.
+        (``full`` = all modalities present), ``ece`` (the expected calibration error averaged
+        over subsets, when the table has it), plus ``*_std`` over folds when a ``fold`` column
+        exists.
     """
     t = table.copy()
     t["k"] = t["subset"].str.count(r"\+") + 1
@@ -47,12 +49,22 @@ def summarise(table: pd.DataFrame, metric: str = "f1_weighted") -> pd.DataFrame:
             "extreme": g.loc[g.k == 1, metric].mean(),
             "overall": g[metric].mean(),
             "full": g.loc[g.k == m, metric].mean(),
+            **({"ece": g["ece"].mean()} if "ece" in g.columns else {}),
         })
     s = pd.DataFrame(rows)
     if "fold" in s.columns:
         agg = s.drop(columns="fold").groupby(keys, sort=False)
         s = agg.mean().join(agg.std(ddof=0).add_suffix("_std")).reset_index()
     return s
+
+
+def _rounded(df: pd.DataFrame) -> pd.DataFrame:
+    """F1 and accuracy (percent) to 2 decimals, the ECE columns (fractions) to 4."""
+    out = df.round(2)
+    for c in df.columns:
+        if c.startswith("ece"):
+            out[c] = df[c].round(4)
+    return out
 
 
 def heatmap_figure(table: pd.DataFrame, metric: str = "f1_weighted", title: str = "") -> Figure:
@@ -79,11 +91,11 @@ def collect(parts: Sequence[Path], out_table: Path, out_summary: Path, out_png: 
     if "fold" in table.columns and table["fold"].nunique() == 1:  # no cross-validation: no fold column
         table = table.drop(columns="fold")
     extra = [c for c in ("region", "fold") if c in table.columns]
-    table = table[extra + TABLE_COLUMNS]
+    table = table[extra + [c for c in TABLE_COLUMNS if c in table.columns]]
     with atomic_path(out_table) as tmp:
-        table.round(2).to_csv(tmp, index=False)
+        _rounded(table).to_csv(tmp, index=False)
     with atomic_path(out_summary) as tmp:
-        summarise(table).round(2).to_csv(tmp, index=False)
+        _rounded(summarise(table)).to_csv(tmp, index=False)
     if out_png is not None:
         heatmap(table, out_png)
     return table

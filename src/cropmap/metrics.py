@@ -2,8 +2,9 @@
 
 The missing-sensor protocol of Mena, Ienco, Dantas & Interdonato (2025, Table 1): test-split
 pixels where every modality of the region is present are evaluated once per subset, with the
-other modalities masked as missing. For 4 modalities that is 15 rows: weighted F1, macro F1 and
-overall accuracy, with the pixel count.
+other modalities masked as missing. For 4 modalities that is 15 rows: weighted F1, macro F1,
+overall accuracy and the expected calibration error of the map's confidence (``ece``, 10 bins,
+a fraction: :func:`cropmap.calibration.ece`), with the pixel count.
 """
 
 from __future__ import annotations
@@ -54,14 +55,16 @@ def scores(y: np.ndarray, pred: np.ndarray) -> dict[str, float]:
 
 
 def _predict_batches(predictor: Predictor, batches: list[dict[str, torch.Tensor]], keep: Sequence[bool]) -> np.ndarray:
+    """Class probabilities ``[N, K]`` (pixels of chips flattened into N) with only ``keep``'s modalities."""
     preds = []
     keep_t = torch.tensor(list(keep), dtype=torch.bool)
     for b in batches:
         b = dict(b)
         m = b["mask"]
         b["mask"] = m & keep_t.view(1, -1, *([1] * (m.dim() - 2)))
-        preds.append(predictor.proba({k: v for k, v in b.items() if k != "y"}).argmax(1).cpu().numpy())
-    return np.concatenate([p.reshape(len(p), -1) if p.ndim > 1 else p for p in preds], axis=0)
+        p = predictor.proba({k: v for k, v in b.items() if k != "y"}).float().cpu().numpy()
+        preds.append(np.moveaxis(p, 1, -1).reshape(-1, p.shape[1]))  # [B, K(, H, W)] -> [B(*H*W), K]
+    return np.concatenate(preds, axis=0)
 
 
 def evaluate(ckpt: Path, stack_dir: Path, labels_tif: Path, chips_parquet: Path, grid: Grid, *,
@@ -73,7 +76,7 @@ def evaluate(ckpt: Path, stack_dir: Path, labels_tif: Path, chips_parquet: Path,
     same ``device`` and ``precision``), so the scores are those of the map's model.
 
     Returns:
-        One row per subset: ``subset, n_modalities, n, f1_weighted, f1_macro, accuracy``.
+        One row per subset: ``subset, n_modalities, n, f1_weighted, f1_macro, accuracy, ece``.
     """
     predictor = Predictor(ckpt, device, batch_size, precision=precision)
     mods = predictor.modalities
@@ -110,7 +113,7 @@ def evaluate_set(ckpt: Path, samples_npz: Path, *, max_pixels_per_class: int, se
     non-empty subset with the others masked as missing.
 
     Returns:
-        One row per subset: ``subset, n_modalities, n, f1_weighted, f1_macro, accuracy``.
+        One row per subset: ``subset, n_modalities, n, f1_weighted, f1_macro, accuracy, ece``.
     """
     from cropmap.samples import cap_per_class, read_samples
 
@@ -146,15 +149,18 @@ def subset_table(predictor: Predictor, batches: list[dict[str, torch.Tensor]], y
 
     The confusion counts of every subset ride along in ``attrs["confusion"]``.
     """
+    from cropmap.calibration import ece
+
     mods = predictor.modalities
     valid = y != IGNORE_INDEX
     rows = []
     confusion: list[tuple] = []
     for sub in progress(subsets(region_mods), "subsets", "subset"):
         keep = [m in sub for m in mods]
-        pred = _predict_batches(predictor, batches, keep).ravel() if batches else np.zeros(0, np.int64)
+        proba = _predict_batches(predictor, batches, keep) if batches else np.zeros((0, predictor.n_classes))
+        pred = proba.argmax(1)
         rows.append({"subset": subset_name(sub), "n_modalities": len(sub), "n": int(valid.sum()),
-                     **scores(y[valid], pred[valid])})
+                     **scores(y[valid], pred[valid]), "ece": ece(proba[valid], y[valid])})
         confusion.extend(confusion_long(y[valid], pred[valid], subset_name(sub)).itertuples(index=False, name=None))
     df = pd.DataFrame(rows)
     df.attrs["confusion"] = confusion  # (subset, true, pred, count) records: area.write_confusion
@@ -162,6 +168,6 @@ def subset_table(predictor: Predictor, batches: list[dict[str, torch.Tensor]], y
 
 
 def write_metrics(df: pd.DataFrame, out: Path) -> None:
-    """Write metrics CSV (rounded to 2 decimals)."""
+    """Write metrics CSV (rounded to 2 decimals; ``ece``, a fraction, to 4)."""
     with atomic_path(out) as tmp:
-        df.round(2).to_csv(tmp, index=False)
+        df.round(2).assign(**({"ece": df["ece"].round(4)} if "ece" in df.columns else {})).to_csv(tmp, index=False)

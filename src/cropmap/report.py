@@ -246,6 +246,8 @@ def _training_html(summary_json: Path, region: str) -> str:
     if summary_json.exists():
         s = {k: v for k, v in json.loads(summary_json.read_text()).items() if k != "history"}
         names = {"task": "task", "method": "method", "epochs": "epochs run", "best_val_loss": "best validation loss",
+                 "best_val_f1": "best validation weighted F1 (mean over sensor subsets)",
+                 "temperatures": "calibration temperature per sensor subset", "fitted_subsets": "tree models (samples per subset)",
                  "n_train": "training samples", "n_val": "validation samples", "accelerator": "accelerator",
                  "precision": "precision", "resumed": "resumed from a checkpoint", "world_size": "processes",
                  "strategy": "strategy"}
@@ -282,6 +284,8 @@ def _region_html(name: str, files: dict[str, Path], compare: pd.DataFrame | None
         kp.append(("mean expected weighted F1 over mapped pixels (expected_f1.tif)", html.escape(mean_exp)))
     if metrics is not None and len(metrics):
         kp.append(("weighted F1, all sensors (test split)", f"{metrics.iloc[0]['f1_weighted']:.1f}"))
+        if "ece" in metrics.columns:
+            kp.append(("calibration error of the confidence, all sensors (ECE, test split)", f"{metrics.iloc[0]['ece']:.3f}"))
     if a and a["overall_accuracy"] is not None:
         kp.append(("overall accuracy (area-weighted, 95 % CI)", f"{100 * a['overall_accuracy']:.1f} ± {196 * (a['overall_accuracy_se'] or 0):.1f} %"))
     if summ:

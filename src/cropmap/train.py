@@ -26,7 +26,7 @@ import logging
 import math
 import os
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -39,6 +39,7 @@ from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from cropmap.augment import Augment, AugmentSettings
 from cropmap.datasets import PixelSamples, sample_pixels
 from cropmap.device import check_devices, resolve_device
 from cropmap.errors import LabelError
@@ -54,6 +55,9 @@ from cropmap.progress import on_terminal
 log = logging.getLogger(__name__)
 
 Task = Literal["classification", "segmentation"]
+#: Validation samples scored on every sensor subset each epoch (``val_f1``): a large region's
+#: validation pixels are thinned to about this many (every k-th sample).
+VAL_SUBSET_SAMPLES = 4096
 
 
 class PixelDataset(Dataset):
@@ -75,15 +79,35 @@ class PixelDataset(Dataset):
 
 
 class CoLearningModule(L.LightningModule):
-    """Lightning wrapper: normalises the batch, calls the method's losses, logs every term."""
+    """Lightning wrapper: normalises the batch, augments it, calls the method's losses, logs every term.
 
-    def __init__(self, model_kwargs: dict[str, Any], stats: dict, lr: float, class_weights: list[float] | None) -> None:
+    Args:
+        model_kwargs: the :func:`~cropmap.models.build_model` arguments.
+        stats: normalisation statistics.
+        lr: learning rate.
+        class_weights: weights of the supervised loss, or None.
+        recipe: :meth:`TrainSettings.recipe` (weight decay, schedule, augmentations, monitor);
+            None: plain Adam, no augmentation.
+    """
+
+    def __init__(self, model_kwargs: dict[str, Any], stats: dict, lr: float, class_weights: list[float] | None,
+                 recipe: dict[str, Any] | None = None) -> None:
         super().__init__()
         self.save_hyperparameters()
         weights = torch.tensor(class_weights, dtype=torch.float32) if class_weights else None
         self.model = build_model(**model_kwargs, class_weights=weights)
         self.norm = Normalizer(stats)
         self.lr = lr
+        r = recipe or {}
+        self.weight_decay = float(r.get("weight_decay", 0.0))
+        self.schedule = str(r.get("schedule", "none"))
+        self.augment = Augment(AugmentSettings.from_dict(r.get("augment")), self.model.modalities)
+        #: whether validation scores every sensor subset (``val_f1``, ``val_f1_full``)
+        self.subset_f1 = r.get("monitor") == "val_f1" and not self.model.spatial
+        #: every ``val_stride``-th validation sample is scored on every sensor subset
+        self.val_stride = 1
+        self._val: dict[int, list[tuple[Tensor, Tensor]]] = {}
+        self._val_seen = 0
 
         self._pending_rng: dict[str, Any] | None = None
 
@@ -103,14 +127,22 @@ class CoLearningModule(L.LightningModule):
             self._pending_rng = None
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        out = self(batch)
-        losses = self.model.loss(out, self.norm(batch) | {"y": batch["y"]})
+        nb = self.norm(batch)
+        if self.augment.s.active() and not self.model.spatial:
+            nb = self.augment(nb)
+        out = self.model(nb)
+        losses = self.model.loss(out, nb | {"y": batch["y"]})
         for k, v in losses.items():
             self.log(f"train/{k}", v.detach(), prog_bar=(k == "total"), on_step=False, on_epoch=True, batch_size=len(batch["y"]), sync_dist=True)
         return losses["total"]
 
+    def on_validation_epoch_start(self) -> None:
+        self._val = {}
+        self._val_seen = 0
+
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        out = self(batch)
+        nb = self.norm(batch)
+        out = self.model(nb)
         logits = out["logits"].float()
         y = batch["y"]
         loss = torch.nn.functional.cross_entropy(logits, y, ignore_index=-100)
@@ -118,9 +150,62 @@ class CoLearningModule(L.LightningModule):
         acc = (logits.argmax(1)[valid] == y[valid]).float().mean()
         self.log("val_loss", loss, prog_bar=True, on_epoch=True, batch_size=int(valid.sum()), sync_dist=True)
         self.log("val_acc", acc, prog_bar=True, on_epoch=True, batch_size=int(valid.sum()), sync_dist=True)
+        if self.subset_f1:
+            self._subset_predictions(nb, logits, y, valid)
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.parameters(), lr=self.lr)
+    def _subset_predictions(self, nb: dict[str, Tensor], logits: Tensor, y: Tensor, valid: Tensor) -> None:
+        """Keep the predictions of every sensor subset of (every ``val_stride``-th) validation sample."""
+        idx = self._val_seen + torch.arange(len(y), device=y.device)
+        self._val_seen += len(y)
+        pick = idx % self.val_stride == 0
+        sub = {k: v[pick] for k, v in nb.items() if isinstance(v, Tensor) and len(v) == len(y)}
+        n_mod = len(self.model.modalities)
+        for code in range(1, 2**n_mod):
+            keep = torch.tensor([(code >> i) & 1 for i in range(n_mod)], dtype=torch.bool, device=y.device)
+            mask = sub["mask"].bool() & keep.view(1, -1)
+            rows = valid[pick] & mask.any(1)
+            if not bool(rows.any()):
+                continue
+            pred = (logits[pick] if bool(keep.all()) else self.model({**sub, "mask": mask})["logits"]).argmax(1)
+            self._val.setdefault(code, []).append((pred[rows].cpu(), y[pick][rows].cpu()))
+
+    def on_validation_epoch_end(self) -> None:
+        """``val_f1``: weighted F1 (percent) averaged over every sensor subset; ``val_f1_full``: all sensors."""
+        if not self._val:
+            return
+        from sklearn.metrics import f1_score
+
+        f1 = {}
+        for code, parts in self._val.items():
+            p, t = torch.cat([a for a, _ in parts]).numpy(), torch.cat([b for _, b in parts]).numpy()
+            f1[code] = 100 * f1_score(t, p, average="weighted", zero_division=0)
+        full = 2 ** len(self.model.modalities) - 1
+        self.log("val_f1", float(np.mean(list(f1.values()))), prog_bar=True, sync_dist=True)
+        self.log("val_f1_full", float(f1.get(full, np.nan)), sync_dist=True)
+        self._val = {}
+
+    def configure_optimizers(self) -> Any:
+        if self.weight_decay > 0:
+            opt: torch.optim.Optimizer = torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        else:
+            opt = torch.optim.Adam(self.parameters(), lr=self.lr)
+        if self.schedule == "none":
+            return opt
+        sched = warmup_cosine(opt, int(self.trainer.estimated_stepping_batches))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def warmup_cosine(opt: torch.optim.Optimizer, steps: int, warm_fraction: float = 0.05) -> torch.optim.lr_scheduler.LambdaLR:
+    """Per-step schedule: linear warm-up over ``warm_fraction`` of ``steps``, then cosine decay to 0."""
+    steps = max(1, steps)
+    warm = max(1, int(steps * warm_fraction + 1e-9))
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, steps - warm))))
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
 class EpochHistory(Callback):
@@ -193,9 +278,13 @@ class EpochShuffleSampler(Sampler[Any]):
             return torch.distributed.get_rank(), torch.distributed.get_world_size()
         return 0, 1
 
+    def _order(self, g: torch.Generator) -> list[Any]:
+        """The item order of one epoch."""
+        return torch.randperm(self.n, generator=g).tolist()
+
     def __iter__(self) -> Iterator[Any]:
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        return iter(self.shard(torch.randperm(self.n, generator=g).tolist()))
+        return iter(self.shard(self._order(g)))
 
     def shard(self, items: list[Any]) -> list[Any]:
         """This rank's share of the epoch's ``n`` items (every ``world``-th of the padded list)."""
@@ -207,6 +296,27 @@ class EpochShuffleSampler(Sampler[Any]):
 
     def __len__(self) -> int:
         return math.ceil(self.n / self._rank_world()[1])
+
+
+class BalancedEpochSampler(EpochShuffleSampler):
+    """Class-balanced epochs: ``n`` draws with replacement, each class equally likely.
+
+    Same contract as :class:`EpochShuffleSampler` (epoch ``e`` drawn from ``(seed, e)``,
+    sharded by rank); samples without label (``y < 0``) are never drawn.
+    """
+
+    def __init__(self, y: np.ndarray, seed: int) -> None:
+        super().__init__(len(y), seed)
+        y = np.asarray(y)
+        w = np.zeros(len(y))
+        labelled = y >= 0
+        if labelled.any():
+            counts = np.bincount(y[labelled])
+            w[labelled] = 1.0 / counts[y[labelled]]
+        self.weights = torch.as_tensor(w / max(w.sum(), 1e-12), dtype=torch.float64)
+
+    def _order(self, g: torch.Generator) -> list[int]:
+        return torch.multinomial(self.weights, self.n, replacement=True, generator=g).tolist()
 
 
 def fingerprint(settings: TrainSettings, files: Sequence[Path] = ()) -> str:
@@ -270,8 +380,14 @@ class TrainSettings:
     min_valid_fraction: float = 0.5
     bands: dict[str, list[str]] = field(default_factory=dict)
     windows_per_epoch: int | None = None
-    augment: bool = True
+    window_augment: bool = True
     cache_mb: int = 2048
+    weight_decay: float = 0.0
+    schedule: Literal["none", "cosine"] = "none"
+    balance: Literal["loss", "sampler", "none"] = "loss"
+    monitor: Literal["val_loss", "val_f1"] = "val_loss"
+    augment: dict[str, float] = field(default_factory=dict)
+    calibration: Literal["none", "global", "subset"] = "subset"
 
     @classmethod
     def from_config(cls, config: dict, task: Task, months: list[str]) -> TrainSettings:
@@ -279,8 +395,9 @@ class TrainSettings:
         (epochs, patience, batch size, learning rate, windows, augmentation, cache) over the
         ``training`` keys, which stay the pixel classifier's."""
         t, m = config["training"], config["model"]
-        if task == "segmentation":
-            t = {**t, **t.get("segmentation", {})}
+        seg = t.get("segmentation", {})
+        if task == "segmentation":  # its augment (quarter turns and flips of windows) is window_augment
+            t = {**t, **{k: v for k, v in seg.items() if k != "augment"}}
         return cls(
             task=task, method=m["method"], modalities=list(config["modalities"]), months=months,
             classes=config["classes"], seed=config["seed"], hidden=m["hidden"], encoders=m.get("encoders", {}),
@@ -289,7 +406,10 @@ class TrainSettings:
             devices=t["devices"], strategy=t["strategy"], num_workers=t["num_workers"],
             min_valid_fraction=config["availability"]["min_valid_fraction"],
             bands={m: list(b) for m, b in (config.get("bands") or {}).items()},
-            windows_per_epoch=t.get("windows_per_epoch"), augment=t.get("augment", True), cache_mb=t.get("cache_mb", 2048),
+            windows_per_epoch=t.get("windows_per_epoch"), window_augment=bool(seg.get("augment", True)),
+            cache_mb=t.get("cache_mb", 2048),
+            weight_decay=t["weight_decay"], schedule=t["schedule"], balance=t["balance"], monitor=t["monitor"],
+            augment=dict(config["training"]["augment"]), calibration=t["calibration"],
         )
 
     def resolved_bands(self) -> dict[str, list[str]]:
@@ -305,6 +425,11 @@ class TrainSettings:
             "n_classes": n_classes(self.classes), "hidden": self.hidden, "encoders": self.encoders or None,
             **self.method_options,
         }
+
+    def recipe(self) -> dict[str, Any]:
+        """What :class:`CoLearningModule` needs of the recipe (weight decay, schedule, augmentations, monitor)."""
+        return {"weight_decay": self.weight_decay, "schedule": self.schedule, "augment": dict(self.augment),
+                "monitor": self.monitor}
 
 
 def n_classes(classes: Sequence[dict]) -> int:
@@ -417,7 +542,7 @@ def fit_chips(settings: TrainSettings, stack_dir: Path, labels_tif: Path, chips:
              sum(c.nbytes for c in read.values()) / 2**20)
     train_ds, val_ds = CachedChips(read["train"]), CachedChips(read["val"])
     sampler = RandomWindowSampler(train_ds.nbr, read["train"].size, settings.windows_per_epoch or len(train_ds),
-                                  settings.seed, settings.augment)
+                                  settings.seed, settings.window_augment)
     weights = balanced_weights(read["train"].y.ravel(), n_classes(settings.classes))
     return fit(settings, train_ds, val_ds, chip_stats(train_ds, 256, settings.seed), weights, out_ckpt, work_dir,
                inputs=inputs, summary_json=summary_json, sampler=sampler)
@@ -429,20 +554,38 @@ def fit_pixels(settings: TrainSettings, train_s: PixelSamples, val_s: PixelSampl
 
     Normalisation statistics and class weights come from ``train_s`` only; ``inputs`` are the
     files the samples came from (a checkpoint is resumed only if they did not change).
+    ``training.balance``: ``loss`` weights the supervised loss by inverse class frequency,
+    ``sampler`` draws class-balanced epochs (:class:`BalancedEpochSampler`) with an unweighted
+    loss, ``none`` does neither.
     """
     if len(train_s) == 0 or len(val_s) == 0:
         raise LabelError(f"{len(train_s)} training and {len(val_s)} validation pixels with a sensor: both splits need labelled samples; "
                          "check the labels cover the region where its stacks have data")
     stats = fit_stats(train_s.x, "pixels")
-    weights = balanced_weights(train_s.y, n_classes(settings.classes))
+    weights = balanced_weights(train_s.y, n_classes(settings.classes)) if settings.balance == "loss" else None
     return fit(settings, PixelDataset(train_s), PixelDataset(val_s), stats, weights, out_ckpt, work_dir, inputs=inputs,
                summary_json=summary_json)
 
 
-def fit(settings: TrainSettings, train_ds: Dataset, val_ds: Dataset, stats: dict, weights: list[float],
+def normalised_batches(norm: Normalizer, ds: PixelDataset, size: int = 4096) -> list[dict[str, Tensor]]:
+    """Normalised batches ``{m, "mask", "y"}`` of a whole pixel dataset (fits outside the gradient loop)."""
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(ds), size):
+            b = {m: v[i : i + size] for m, v in ds.x.items()}
+            out.append(norm(b) | {"mask": ds.mask[i : i + size], "y": ds.y[i : i + size]})
+    return out
+
+
+def fit(settings: TrainSettings, train_ds: Dataset, val_ds: Dataset, stats: dict, weights: list[float] | None,
         out_ckpt: Path, work_dir: Path, inputs: Sequence[Path] = (), summary_json: Path | None = None,
         sampler: EpochShuffleSampler | None = None) -> dict[str, Any]:
-    """Run the Lightning loop and write the ``model.ckpt`` bundle (resuming from ``last.ckpt``).
+    """Fit the model and write the ``model.ckpt`` bundle (resuming the gradient loop from ``last.ckpt``).
+
+    A gradient-free method (the tree references of :mod:`cropmap.models.trees`) is fitted by its
+    ``fit_samples`` on the normalised training pixels instead of the Lightning loop. For pixel
+    models, temperatures are then fitted on the validation pixels (``training.calibration``,
+    :mod:`cropmap.calibration`) and stored in the bundle, which applies them on load.
 
     The checkpoints in ``work_dir`` are deleted once ``model.ckpt`` is written, so only a killed
     run is ever resumed. The summary goes to ``summary_json`` (default ``train_summary.json``
@@ -454,23 +597,83 @@ def fit(settings: TrainSettings, train_ds: Dataset, val_ds: Dataset, stats: dict
     acc = accelerator(settings.device)
     check_devices(settings.devices, on_gpu=acc == "gpu")
     prec = precision(settings.precision, acc)
-    module = CoLearningModule(settings.model_kwargs(), stats, settings.lr, weights)
+    module = CoLearningModule(settings.model_kwargs(), stats, settings.lr, weights, settings.recipe())
+    summary: dict[str, Any] = {"task": settings.task, "method": settings.method, "n_train": n_train, "n_val": n_val}
+    pixels = isinstance(train_ds, PixelDataset) and isinstance(val_ds, PixelDataset)
+    if getattr(module.model, "gradient_free", False):
+        if not isinstance(train_ds, PixelDataset):
+            raise LabelError(f"method {settings.method} classifies pixel time series; set model.task: classification")
+        batch = normalised_batches(module.norm, train_ds, size=max(1, len(train_ds)))[0]
+        fit_samples: Callable[..., dict[str, Any]] = module.model.fit_samples  # type: ignore[assignment]
+        summary |= fit_samples({m: batch[m].numpy() for m in module.model.modalities if m in batch},
+                               batch["mask"].numpy(), batch["y"].numpy())
+        summary |= {"epochs": 0, "accelerator": "cpu", "precision": "32-true", "resumed": False, "world_size": 1,
+                    "strategy": settings.strategy, "history": []}
+        rank, world = 0, 1
+    else:
+        loop = _lightning(settings, module, train_ds, val_ds, work_dir, inputs, acc, prec, sampler)
+        if loop is None:
+            return {}
+        summary |= loop
+        rank, world = 0, loop["world_size"]
+    calibration = None
+    if pixels and settings.calibration != "none":
+        module.eval()
+        calibration = calibrate(module.model, normalised_batches(module.norm, val_ds), settings.calibration)  # type: ignore[arg-type]
+        summary["temperatures"] = [round(t, 4) for t in calibration["temperatures"]]
+    save_bundle(out_ckpt, module.model, module.norm, model_kwargs=settings.model_kwargs(), classes=settings.classes,
+                modalities=settings.modalities, months=settings.months, task=settings.task,
+                min_valid_fraction=settings.min_valid_fraction, class_weights=module.hparams["class_weights"],
+                summary=summary, bands=settings.resolved_bands(), calibration=calibration)
+    with atomic_path(summary_json or out_ckpt.parent / "train_summary.json") as tmp:
+        tmp.write_text(json.dumps(summary, indent=2))
+    log.info("rank %d of %d: wrote %s", rank, world, out_ckpt)
+    for f in work_dir.glob("*.ckpt"):  # done: nothing left to resume
+        f.unlink()
+    return summary
+
+
+def calibrate(model: torch.nn.Module, val_batches: Sequence[dict[str, Tensor]], per: str) -> dict[str, Any]:
+    """Temperatures per sensor subset fitted on normalised validation batches (the bundle's ``calibration``)."""
+    from cropmap.calibration import fit_temperatures, subset_logits
+
+    was = model.training
+    model.eval()
+    try:
+        logits = subset_logits(model, val_batches, model.modalities)  # type: ignore[arg-type]
+    finally:
+        model.train(was)
+    temps = fit_temperatures(logits, len(model.modalities), per)  # type: ignore[arg-type]
+    log.info("temperatures per sensor subset (%s): %s", per, [round(t, 3) for t in temps])
+    return {"per": per, "temperatures": temps}
+
+
+def _lightning(settings: TrainSettings, module: CoLearningModule, train_ds: Dataset, val_ds: Dataset, work_dir: Path,
+               inputs: Sequence[Path], acc: str, prec: str, sampler: EpochShuffleSampler | None = None) -> dict[str, Any] | None:
+    """The gradient loop; loads the best checkpoint into ``module``. None on ranks other than 0."""
+    n_train = len(train_ds)  # type: ignore[arg-type]
     loader_kw: dict[str, Any] = {"num_workers": settings.num_workers, "persistent_workers": settings.num_workers > 0}
-    # own generators: creating a loader's iterator must not draw from the global RNG
-    sampler = sampler or EpochShuffleSampler(n_train, settings.seed)
+    if sampler is None:
+        sampler = (BalancedEpochSampler(train_ds.y.numpy(), settings.seed)
+                   if settings.balance == "sampler" and isinstance(train_ds, PixelDataset)
+                   else EpochShuffleSampler(n_train, settings.seed))
     n_draws = sampler.n
+    # own generators: creating a loader's iterator must not draw from the global RNG
     train_dl = DataLoader(train_ds, batch_size=settings.batch_size, sampler=sampler,
                           generator=torch.Generator().manual_seed(settings.seed),
                           drop_last=n_draws > settings.batch_size and n_draws % settings.batch_size < 2, **loader_kw)
     val_dl = DataLoader(val_ds, batch_size=settings.batch_size * 2, shuffle=False,
                         generator=torch.Generator().manual_seed(settings.seed), **loader_kw)
+    module.val_stride = max(1, math.ceil(len(val_ds) / VAL_SUBSET_SAMPLES))  # type: ignore[arg-type]
     resume = resume_checkpoint(work_dir, fingerprint(settings, inputs))
-    ckpt_cb = ModelCheckpoint(dirpath=work_dir, filename="best", monitor="val_loss", mode="min", save_last=True)
+    monitor = settings.monitor if module.subset_f1 else "val_loss"
+    mode = "max" if monitor == "val_f1" else "min"
+    ckpt_cb = ModelCheckpoint(dirpath=work_dir, filename="best", monitor=monitor, mode=mode, save_last=True)
     history = EpochHistory()
     trainer = L.Trainer(
         max_epochs=settings.epochs, accelerator=acc, devices=settings.devices, strategy=settings.strategy,
         precision=prec,  # type: ignore[arg-type]
-        callbacks=[history, ckpt_cb, EarlyStopping("val_loss", patience=settings.patience, mode="min")],
+        callbacks=[history, ckpt_cb, EarlyStopping(monitor, patience=settings.patience, mode=mode)],
         default_root_dir=work_dir, logger=L.pytorch.loggers.CSVLogger(work_dir, name="logs", version=0),
         deterministic=acc == "cpu", enable_progress_bar=on_terminal(), log_every_n_steps=10, enable_model_summary=False,
         use_distributed_sampler=False,  # EpochShuffleSampler shards by rank itself
@@ -480,25 +683,13 @@ def fit(settings: TrainSettings, train_ds: Dataset, val_ds: Dataset, stats: dict
     trainer.fit(module, train_dl, val_dl, ckpt_path=resume)
     rank, world = trainer.global_rank, trainer.world_size
     if not trainer.is_global_zero:
-        log.info("rank %d of %d: training done; rank 0 writes %s", rank, world, out_ckpt)
-        return {}
+        log.info("rank %d of %d: training done; rank 0 writes the model", rank, world)
+        return None
     best = ckpt_cb.best_model_path or str(work_dir / "last.ckpt")
-    state = torch.load(best, map_location="cpu", weights_only=False)["state_dict"]
-    summary = {
-        "task": settings.task, "method": settings.method, "epochs": int(trainer.current_epoch),
-        "best_val_loss": float(ckpt_cb.best_model_score) if ckpt_cb.best_model_score is not None else None,
-        "n_train": n_train, "n_val": n_val, "accelerator": acc, "precision": prec, "resumed": resume is not None,
+    module.load_state_dict(torch.load(best, map_location="cpu", weights_only=False)["state_dict"])
+    score = float(ckpt_cb.best_model_score) if ckpt_cb.best_model_score is not None else None
+    return {
+        "epochs": int(trainer.current_epoch), f"best_{monitor}": score,
+        "accelerator": acc, "precision": prec, "resumed": resume is not None,
         "world_size": world, "strategy": settings.strategy, "history": history.history,
     }
-    module.load_state_dict(state)
-    save_bundle(out_ckpt, module.model, module.norm, model_kwargs=settings.model_kwargs(), classes=settings.classes,
-                modalities=settings.modalities, months=settings.months, task=settings.task,
-                min_valid_fraction=settings.min_valid_fraction, class_weights=module.hparams["class_weights"],
-                summary=summary, bands=settings.resolved_bands())
-    with atomic_path(summary_json or out_ckpt.parent / "train_summary.json") as tmp:
-        tmp.write_text(json.dumps(summary, indent=2))
-    log.info("rank %d of %d: wrote %s", rank, world, out_ckpt)
-    for f in work_dir.glob("*.ckpt"):  # done: nothing left to resume
-        f.unlink()
-    return summary
-

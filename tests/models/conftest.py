@@ -66,9 +66,12 @@ def make_batch(
 
 
 def build(method: str, task: str, **kw: object) -> torch.nn.Module:
-    from cropmap.models import build_model
+    """A model of ``method``; gradient-free (tree) methods come fitted on a separable batch with gaps."""
+    from cropmap.models import build_model, methods_for
 
-    return build_model(
+    if method in methods_for("classification", gradient=False):  # small data: small leaves, few rounds
+        kw = {"min_samples_leaf": 3, "max_iter": 30, **kw}
+    model = build_model(
         method,
         task=task,
         modalities=MODS,
@@ -78,6 +81,12 @@ def build(method: str, task: str, **kw: object) -> torch.nn.Module:
         hidden=kw.pop("hidden", 8),
         **kw,  # type: ignore[arg-type]
     )
+    if getattr(model, "gradient_free", False):
+        g = torch.Generator().manual_seed(11)
+        mask = torch.rand(120, len(MODS), generator=g) > 0.25
+        fit = make_batch(task, b=120, seed=11, separable=True, mask=mask)
+        model.fit_samples({m: fit[m].numpy() for m in MODS}, mask.numpy(), fit["y"].numpy())  # type: ignore[operator]
+    return model
 
 
 @pytest.fixture

@@ -11,16 +11,18 @@ Modules: ``registry`` (the method registry), ``base`` (the shared :class:`CoLear
 ``colearning`` (FullCo, Co-Miss, MDiCo, DSensD+), ``baselines`` (FCoM-av, ModDrop, fusion and
 uni-modal baselines), ``imt`` / ``imt_pretrain`` and ``gemmnet`` / ``gemmnet_blocks`` (chip
 segmentation), ``encoders``, ``heads``, ``fusion``, ``losses`` (pure functions), ``spatial``
-(chip helpers), ``factory`` (:func:`build_model`). Importing the package registers every method,
-in this order (the order of the tables): co-learning methods, baselines, imt, gemmnet.
+(chip helpers), ``trees`` (gradient-boosted tree references), ``factory`` (:func:`build_model`). Importing the package registers every method,
+in this order (the order of the tables): co-learning methods, baselines, imt, gemmnet, the
+gradient-boosted tree references (``trees``: ``trees_dedicated``, ``trees_nan``).
 """
 
 # isort: off
-# Registration order is the order of the tables: co-learning methods, baselines, imt, gemmnet.
+# Registration order is the order of the tables: co-learning methods, baselines, imt, gemmnet, trees.
 from cropmap.models import colearning  # noqa: F401
 from cropmap.models import baselines  # noqa: F401
 from cropmap.models import imt  # noqa: F401
 from cropmap.models import gemmnet  # noqa: F401
+from cropmap.models import trees  # noqa: F401
 
 # isort: on
 from cropmap.models.base import CoLearningModel

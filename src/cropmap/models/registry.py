@@ -63,9 +63,17 @@ def method_names() -> tuple[str, ...]:
     return tuple(_REGISTRY)
 
 
-def methods_for(task: str) -> tuple[str, ...]:
-    """Methods that support ``task`` (e.g. ``imt`` and ``gemmnet`` are segmentation-only)."""
-    return tuple(name for name, cls in _REGISTRY.items() if task in cls.tasks)
+def methods_for(task: str, gradient: bool | None = None) -> tuple[str, ...]:
+    """Methods that support ``task`` (e.g. ``imt`` and ``gemmnet`` are segmentation-only, the tree
+    references ``trees_dedicated`` and ``trees_nan`` classification-only).
+
+    Args:
+        task: ``"classification"`` or ``"segmentation"``.
+        gradient: True: only the methods trained by gradient descent (the neural ones); False:
+            only the gradient-free ones (a class attribute ``gradient_free``); None: both.
+    """
+    return tuple(name for name, cls in _REGISTRY.items()
+                 if task in cls.tasks and (gradient is None or gradient != bool(getattr(cls, "gradient_free", False))))
 
 
 def method_class(name: str) -> type[CoLearningModel]:

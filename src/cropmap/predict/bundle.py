@@ -5,8 +5,10 @@ Keys: ``state_dict`` (the model's weights under ``model.*`` and the normalisatio
 (per-channel z-scores), ``classes``, ``modalities``, ``months``, ``task``,
 ``min_valid_fraction``, ``class_weights``, ``summary`` (the training summary), ``temporal``
 (per modality, whether it has a time axis), ``bands`` (per modality, the bands of each time
-step; :func:`bundle_bands` reads it, also from bundles written before it existed) and
-``sha256`` (:func:`weights_digest`, checked on load).
+step; :func:`bundle_bands` reads it, also from bundles written before it existed),
+``calibration`` (``{"per", "temperatures"}`` of :mod:`cropmap.calibration`, or None; the
+loaded model applies the temperature of each sample's sensor subset) and ``sha256``
+(:func:`weights_digest` of the weights and temperatures, checked on load).
 :func:`check_stacks` checks that a region's stacks are what the model was trained on. :func:`save_bundle` writes it (the ``train``
 stage), :func:`load_bundle` rebuilds the model from the factory without Lightning.
 """
@@ -32,7 +34,8 @@ from cropmap.normalize import Normalizer
 def save_bundle(out: Path, model: nn.Module, norm: Normalizer, *, model_kwargs: Mapping[str, Any],
                 classes: Sequence[dict], modalities: Sequence[str], months: Sequence[str], task: str,
                 min_valid_fraction: float, class_weights: Sequence[float] | None,
-                summary: Mapping[str, Any], bands: Mapping[str, Sequence[str]] | None = None) -> None:
+                summary: Mapping[str, Any], bands: Mapping[str, Sequence[str]] | None = None,
+                calibration: Mapping[str, Any] | None = None) -> None:
     """Write the ``model.ckpt`` bundle read by :func:`load_bundle` (atomic).
 
     Args:
@@ -48,6 +51,8 @@ def save_bundle(out: Path, model: nn.Module, norm: Normalizer, *, model_kwargs: 
         class_weights: the weights of the supervised loss, or None.
         summary: the training summary.
         bands: the bands of each modality (default every band of :data:`cropmap.modalities.BANDS`).
+        calibration: ``{"per": ..., "temperatures": [2^M floats]}`` fitted on validation data
+            (:func:`cropmap.train.calibrate`), or None for an uncalibrated model.
     """
     state = {f"model.{k}": v for k, v in model.state_dict().items()}
     state |= {f"norm.{k}": v for k, v in norm.state_dict().items()}
@@ -58,16 +63,20 @@ def save_bundle(out: Path, model: nn.Module, norm: Normalizer, *, model_kwargs: 
         "class_weights": class_weights, "summary": dict(summary),
         "temporal": {m: TEMPORAL[m] for m in modalities},
         "bands": {m: list(resolve_bands(bands)[m]) for m in modalities},
-        "sha256": weights_digest(state),
+        "calibration": dict(calibration) if calibration else None,
+        "sha256": weights_digest(state, calibration),
     }
     with atomic_path(out) as tmp:
         torch.save(bundle, tmp)
 
 
-def weights_digest(state: Mapping[str, torch.Tensor]) -> str:
-    """SHA-256 of a state dict's names and tensor bytes: :func:`load_bundle` refuses a bundle
-    whose weights were damaged on disk (a zip entry of ``torch.save`` has no checksum read back)."""
+def weights_digest(state: Mapping[str, torch.Tensor], calibration: Mapping[str, Any] | None = None) -> str:
+    """SHA-256 of a state dict's names and tensor bytes (and of the temperatures, when calibrated):
+    :func:`load_bundle` refuses a bundle whose weights were damaged on disk (a zip entry of
+    ``torch.save`` has no checksum read back)."""
     h = hashlib.sha256()
+    if calibration:
+        h.update(repr([float(t) for t in calibration["temperatures"]]).encode())
     for key in sorted(state):
         t = state[key].detach().cpu().contiguous().reshape(-1)
         h.update(key.encode())
@@ -81,7 +90,8 @@ def load_bundle(path: Path, device: str | torch.device = "cpu") -> tuple[nn.Modu
 
     Returns:
         ``(model, normaliser, bundle)``; ``bundle`` is the whole dictionary (see the module
-        docstring).
+        docstring). A calibrated bundle's model comes wrapped in
+        :class:`cropmap.calibration.Calibrated`, so every prediction uses its temperatures.
     """
     try:
         bundle = torch.load(path, map_location="cpu", weights_only=False)
@@ -90,11 +100,11 @@ def load_bundle(path: Path, device: str | torch.device = "cpu") -> tuple[nn.Modu
     except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError, AttributeError, ImportError) as exc:
         raise InputDataError(f"{path} is not a readable cropmap model ({type(exc).__name__}: {brief(exc)}): "
                                  "delete it and rerun snakemake so the train stage writes it again") from None
-    if "sha256" in bundle and weights_digest(bundle["state_dict"]) != bundle["sha256"]:  # older bundles have none
+    if "sha256" in bundle and weights_digest(bundle["state_dict"], bundle.get("calibration")) != bundle["sha256"]:  # older bundles have none
         raise InputDataError(f"{path}: its weights do not match their checksum (the file was damaged on disk); "
                              "delete it and rerun snakemake so the train stage writes it again")
     weights = bundle["class_weights"]
-    model = build_model(**bundle["model_kwargs"],
+    model: nn.Module = build_model(**bundle["model_kwargs"],
                         class_weights=torch.tensor(weights, dtype=torch.float32) if weights else None)
     norm = Normalizer(bundle["stats"])
     parts: dict[str, dict[str, torch.Tensor]] = {"model": {}, "norm": {}}
@@ -105,6 +115,11 @@ def load_bundle(path: Path, device: str | torch.device = "cpu") -> tuple[nn.Modu
         parts[head][rest] = value
     model.load_state_dict(parts["model"])
     norm.load_state_dict(parts["norm"])
+    cal = bundle.get("calibration")
+    if cal and cal.get("temperatures"):
+        from cropmap.calibration import Calibrated
+
+        model = Calibrated(model, cal["temperatures"])
     return model.eval().to(device), norm.eval().to(device), bundle
 
 

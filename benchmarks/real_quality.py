@@ -1,0 +1,152 @@
+"""Real-data quality: k-fold spatial cross-validation of the pixel methods against the tree references.
+
+Built on the workflow's own code: like ``benchmarks/compare_table.py`` (whose config it reuses)
+it writes a config with the table as the only training set and runs ``snakemake compare`` on it
+(``samples`` stage, the spatial folds of :mod:`cropmap.splits`, ``train`` with early stopping,
+checkpoint choice and calibration on each fold's validation split only, ``metrics`` on every
+non-empty sensor subset of the fold's test split). The model and training blocks are those of
+the repository's ``config.yaml`` (the default method and recipe, schema defaults filled), with
+the sizes of a small table: ``--epochs``, ``--patience``, ``--batch-size``.
+
+Default table: the real WorldCereal Uganda 2017 extractions the tests carry
+(``tests/data/realdata/worldcereal_uganda_2017_extractions.parquet``). Prints, per method, the
+mean ± std over folds of the weighted F1 (extreme / moderate / overall / full, S2-only,
+S1-only) and of the ECE (10 bins, test split, averaged over subsets), and as its last line::
+
+    default_vs_trees_overall=+x.x default_vs_trees_full=+x.x worst_subset_vs_trees=+x.x default_vs_trees_nan_extreme=+x.x default_ece=0.xx
+
+(weighted-F1 points of the default method, ``model.method`` of ``config.yaml``, against
+``trees_dedicated``: overall, all sensors, and the worst sensor subset (per-subset difference of
+the fold means); against ``trees_nan`` on extreme gaps; its mean test ECE). Usage::
+
+    python benchmarks/real_quality.py [--out /tmp/real_quality] [--folds 7] [--cores 2]
+    python benchmarks/real_quality.py --methods comiss trees_dedicated trees_nan   # reduced
+
+The default runs every pixel method (``--methods`` must include the default method and both
+tree references). Rerunning with the same ``--out`` reruns only what changed (Snakemake).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import yaml
+from compare_table import DEFAULT, ROOT
+from compare_table import config as table_config
+
+#: Subsets reported on their own besides the averages.
+SINGLE = ("s2", "s1")
+#: Keys of ``training`` that make the recipe (taken from ``config.yaml``).
+RECIPE = ("lr", "weight_decay", "schedule", "balance", "monitor", "augment", "calibration", "pixels_per_class")
+
+
+def workflow_config(a: argparse.Namespace) -> tuple[dict, str]:
+    """The comparison config (the table as the only training set) and the default method."""
+    from cropmap.config import load
+
+    shipped = load(ROOT / "config.yaml")
+    cfg = table_config(a)
+    model = shipped["model"]
+    cfg["model"] = {"task": "classification", "method": model["method"], "hidden": model["hidden"],
+                    "encoders": model["encoders"], "options": model["options"]}
+    cfg["training"] |= {k: shipped["training"][k] for k in RECIPE}
+    return cfg, model["method"]
+
+
+def per_fold(table: pd.DataFrame) -> pd.DataFrame:
+    """One row per method and fold: extreme / moderate / overall / full / S2-only / S1-only F1 and ECE."""
+    t = table.copy()
+    if "fold" not in t.columns:
+        t["fold"] = 0
+    t["k"] = t["subset"].str.count(r"\+") + 1
+    m = int(t["k"].max())
+    rows = []
+    for (method, fold), g in t.groupby(["method", "fold"], sort=False):
+        f1 = g.set_index("subset")["f1_weighted"]
+        rows.append({"method": method, "fold": fold, "extreme": g.loc[g.k == 1, "f1_weighted"].mean(),
+                     "moderate": g.loc[g.k == m - 1, "f1_weighted"].mean(), "overall": g["f1_weighted"].mean(),
+                     "full": g.loc[g.k == m, "f1_weighted"].mean(),
+                     **{f"{s}_only": f1.get(s, np.nan) for s in SINGLE}, "ece": g["ece"].mean()})
+    return pd.DataFrame(rows)
+
+
+def summary_table(folds: pd.DataFrame) -> pd.DataFrame:
+    """``mean ± std`` (std over folds, ddof 0) per method."""
+    cols = [c for c in folds.columns if c not in ("method", "fold")]
+    g = folds.groupby("method", sort=False)[cols]
+    mean, std = g.mean(), g.std(ddof=0)
+    out = pd.DataFrame(index=mean.index)
+    for c in cols:
+        fmt = "{:.3f} ± {:.3f}" if c == "ece" else "{:.1f} ± {:.1f}"
+        out[c] = [fmt.format(a, b) for a, b in zip(mean[c], std[c], strict=True)]
+    out["folds"] = g.size()
+    return out
+
+
+def last_line(table: pd.DataFrame, folds: pd.DataFrame, default: str) -> str:
+    """The closing line of the issue: differences of ``default`` against the tree references."""
+    mean = folds.groupby("method")[["overall", "full", "extreme", "ece"]].mean()
+    per_subset = table.groupby(["method", "subset"])["f1_weighted"].mean().unstack("subset")
+    worst = (per_subset.loc[default] - per_subset.loc["trees_dedicated"]).min()
+    d, tr, nan = mean.loc[default], mean.loc["trees_dedicated"], mean.loc["trees_nan"]
+    return (f"default_vs_trees_overall={d.overall - tr.overall:+.1f} default_vs_trees_full={d.full - tr.full:+.1f} "
+            f"worst_subset_vs_trees={worst:+.1f} default_vs_trees_nan_extreme={d.extreme - nan.extreme:+.1f} "
+            f"default_ece={d.ece:.2f}")
+
+
+def paired(folds: pd.DataFrame, default: str, other: str) -> str:
+    """Per-fold paired difference of ``default`` and ``other`` (overall): mean ± std and wins."""
+    a = folds[folds.method == default].set_index("fold")["overall"]
+    b = folds[folds.method == other].set_index("fold")["overall"]
+    d = (a - b).dropna()
+    return (f"{default} - {other} overall, paired over {len(d)} folds: {d.mean():+.1f} ± {d.std(ddof=0):.1f} "
+            f"({int((d > 0).sum())} folds won)")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--path", type=Path, default=DEFAULT)
+    ap.add_argument("--out", type=Path, default=Path("/tmp/real_quality"))
+    ap.add_argument("--folds", type=int, default=7)
+    ap.add_argument("--methods", nargs="*", default=None, help="default: every method that classifies pixels")
+    ap.add_argument("--epochs", type=int, default=50)
+    ap.add_argument("--patience", type=int, default=10)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--cores", type=int, default=2)
+    a = ap.parse_args()
+    # the table's layout, as benchmarks/compare_table.py reads it
+    a.format, a.season, a.label, a.start, a.cell_deg, a.min_samples = "worldcereal_wide", ["2016-12", "2017-11"], None, None, 0.1, 20
+    a.hidden = 64  # replaced by config.yaml's model block
+    cfg, default = workflow_config(a)
+    need = {default, "trees_dedicated", "trees_nan"}
+    if not need <= set(cfg["compare"]["methods"]):
+        sys.exit(f"--methods must include {sorted(need)} (the default method and both tree references)")
+    a.out.mkdir(parents=True, exist_ok=True)
+    path = a.out / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(p for p in (str(ROOT / "src"), os.environ.get("PYTHONPATH")) if p))
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "--directory", str(a.out), "--cores", str(a.cores),
+           "compare", "--configfile", str(path), "--quiet", "all"]
+    print(" ".join(cmd), flush=True)
+    t0 = time.time()
+    subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
+    print(f"snakemake compare: {time.time() - t0:.0f} s on {a.cores} cores; default method {default}; {a.folds} folds; {a.path.name}")
+    table = pd.read_csv(a.out / "results" / "compare" / "table.csv")
+    folds = per_fold(table)
+    with pd.option_context("display.width", 200, "display.max_columns", 20):
+        print(summary_table(folds).to_string())
+    for other in ("trees_dedicated", "trees_nan"):
+        print(paired(folds, default, other))
+    print(last_line(table, folds, default))
+
+
+if __name__ == "__main__":
+    main()
