@@ -121,6 +121,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--cores", type=int, default=2)
+    ap.add_argument("--reuse", action="store_true",
+                    help="keep finished fold runs in --out even if the code or settings changed since (--rerun-triggers mtime)")
     a = ap.parse_args()
     # the table's layout, as benchmarks/compare_table.py reads it
     a.format, a.season, a.label, a.start, a.cell_deg, a.min_samples = "worldcereal_wide", ["2016-12", "2017-11"], None, None, 0.1, 20
@@ -134,7 +136,8 @@ def main() -> None:
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(p for p in (str(ROOT / "src"), os.environ.get("PYTHONPATH")) if p))
     cmd = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "--directory", str(a.out), "--cores", str(a.cores),
-           "compare", "--configfile", str(path), "--quiet", "all"]
+           "compare", "--configfile", str(path), "--quiet", "all",
+           *(["--rerun-triggers", "mtime"] if a.reuse else [])]
     print(" ".join(cmd), flush=True)
     t0 = time.time()
     subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)

@@ -112,6 +112,8 @@ def validate(config: dict, schema: dict | None = None) -> dict:
         ConfigError: one line naming the first bad key and the fix.
     """
     schema = schema or load_schema()
+    cmp = config.get("compare")
+    methods_given = isinstance(cmp, dict) and "methods" in cmp
     validator = _with_defaults(jsonschema.Draft202012Validator)(schema)
     errors = sorted(validator.iter_errors(config), key=lambda e: (len(e.absolute_path), str(e.absolute_path)))
     if errors:
@@ -124,6 +126,11 @@ def validate(config: dict, schema: dict | None = None) -> dict:
                 "use lower-case letters, digits, '_' and '-' only"
             )
         raise ConfigError(_one_line(err))
+    if not methods_given:  # the default: every method that can do the compared task
+        from cropmap.models.registry import methods_for
+
+        can = methods_for(compare_task(config))
+        config["compare"]["methods"] = [m for m in config["compare"]["methods"] if m in can]
     _check_semantics(config)
     from cropmap import config_checks
 
