@@ -6,7 +6,7 @@
 Prints, for the default config's model (``model.method``, ``model.hidden``):
 
 1. training throughput, samples per second (pixels; chips for segmentation) of the ``train``
-   stage's step (:class:`cropmap.train.CoLearningModule.training_step`, backward, Adam) on
+   stage's step (:class:`cropmap.loop.CoLearningModule.training_step`, backward, Adam) on
    in-memory random batches of ``training.batch_size`` at the precision ``train`` uses
    (bf16 autocast on a GPU, fp32 on a CPU), for the pixel and the segmentation default;
 2. prediction throughput of both tasks, megapixels per second of the model alone and through
@@ -42,8 +42,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C
 import predict_throughput as PT
 
+from cropmap.loop import CoLearningModule
 from cropmap.predict import Predictor, load_bundle
-from cropmap.train import CoLearningModule, TrainSettings, precision
+from cropmap.train import TrainSettings, precision
 
 #: A ~100 x 105 px region of the demo's area for ``--quick`` workflow runs.
 QUICK_BBOX = [4.80, 45.70, 4.8125, 45.7095]

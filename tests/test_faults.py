@@ -584,7 +584,7 @@ def test_resume_only_from_a_checkpoint_of_the_same_settings_and_inputs(tmp_path:
 
 
 def test_epoch_order_depends_only_on_seed_and_epoch_and_ranks_share_it(monkeypatch: pytest.MonkeyPatch) -> None:
-    from cropmap.train import EpochShuffleSampler
+    from cropmap.loop import EpochShuffleSampler
 
     def order(seed: int, epoch: int) -> list[int]:
         s = EpochShuffleSampler(10, seed)

@@ -151,7 +151,7 @@ def test_ddp_two_cpu_processes_train_and_only_rank_0_writes(tmp_path_factory: py
     # the weights moved away from the seeded initialisation
     import lightning as L
 
-    from cropmap.train import CoLearningModule
+    from cropmap.loop import CoLearningModule
 
     L.seed_everything(cfg["seed"])
     init = CoLearningModule(bundle["model_kwargs"], bundle["stats"], 1e-3, bundle["class_weights"]).state_dict()

@@ -34,9 +34,9 @@ from cropmap.availability import presence_stack
 from cropmap.datasets import IGNORE_INDEX, open_stacks
 from cropmap.errors import InputDataError
 from cropmap.labels import NODATA
+from cropmap.loop import EpochShuffleSampler
 from cropmap.modalities import band_descriptions, channels_per_step, resolve_bands
 from cropmap.progress import progress as show_progress
-from cropmap.train import EpochShuffleSampler
 
 #: Side (pixels) of the read units; the stacks' blocks are 256 px (:meth:`cropmap.grid.Grid.profile`).
 READ_UNIT = 256
