@@ -30,8 +30,9 @@ from torchgeo.datasets import RasterDataset
 from torchgeo.samplers import GridGeoSampler
 
 from cropmap.availability import presence_stack
-from cropmap.errors import InputDataError, LabelError
+from cropmap.errors import LabelError
 from cropmap.grid import Grid
+from cropmap.io import check_stack_bands
 from cropmap.labels import NODATA, SPLITS
 from cropmap.modalities import TEMPORAL, band_descriptions, channels_per_step, resolve_bands
 from cropmap.progress import progress
@@ -113,20 +114,16 @@ def open_stacks(stack_dir: Path, months: Sequence[str], modalities: Sequence[str
     """TorchGeo datasets for the modalities whose stack exists in ``stack_dir`` (``bands``: the config's).
 
     Raises:
-        InputDataError: a stack has other bands than the datasets read (the configured bands of its
-            modality for every month).
+        GridMismatchError: a stack has other bands than the datasets read (the configured bands of
+            its modality for every month; :func:`cropmap.io.check_stack_bands`).
     """
+    full = resolve_bands(bands)
     out = {}
     for m in modalities:
         path = stack_dir / f"{m}.tif"
         if not path.exists():
             continue
-        want = band_descriptions(m, months, (bands or {}).get(m))
-        with rasterio.open(path) as src:
-            have = list(src.descriptions)
-        if have != want:
-            raise InputDataError(f"{path} has the bands {have[:2]}... ({len(have)}), this stage reads the configured {m} bands "
-                                 f"for every month ({len(want)}: {want[0]} ... {want[-1]}); rebuild the stack with these bands")
+        check_stack_bands(path, m, months, f"rebuild {path} with the configured bands (delete it and rerun snakemake)", full[m])
         out[m] = STACK_DATASETS[m](path, months, (bands or {}).get(m))
     return out
 

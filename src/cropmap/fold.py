@@ -19,17 +19,12 @@ from pathlib import Path
 import pandas as pd
 import rasterio
 
-from cropmap.errors import ConfigError, LabelError
+from cropmap.errors import LabelError
 from cropmap.grid import Grid
 from cropmap.io import atomic_path
 from cropmap.labels import SPLITS, region_splits, split_counts
 
 log = logging.getLogger(__name__)
-
-
-def _check_fold(folds: int, fold: int) -> None:
-    if folds > 1 and not 0 <= fold < folds:
-        raise ConfigError(f"--fold {fold} is not in 0..{folds - 1} (compare.folds {folds}); give one of them")
 
 
 def write_fold(labels_tif: Path, chips: Path, out_dir: Path, grid: Grid, *, block_size: int,
@@ -42,7 +37,6 @@ def write_fold(labels_tif: Path, chips: Path, out_dir: Path, grid: Grid, *, bloc
     Returns:
         Labelled-pixel counts per split of this fold.
     """
-    _check_fold(folds, fold)
     df = pd.read_parquet(chips)
     with rasterio.open(labels_tif) as src:
         prof, cls = src.profile, src.read(1)
@@ -79,7 +73,6 @@ def write_samples_fold(samples: Path, out_dir: Path, *, fractions: dict[str, flo
     """
     from cropmap.samples import read_samples, split_set, write_samples
 
-    _check_fold(folds, fold)
     s = read_samples(samples)
     split = split_set(s.samples.y, s.group, seed=seed, fractions=fractions, folds=folds, fold=fold,
                       fix=f"lower compare.folds or training_sets.{s.name}.cell_deg")

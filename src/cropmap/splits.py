@@ -27,7 +27,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from cropmap.errors import LabelError
+from cropmap.errors import ConfigError, LabelError
 
 #: Split ids of :func:`group_splits` (as in ``labels.tif`` band 2 and ``chips.parquet``).
 TRAIN, VAL, TEST = 0, 1, 2
@@ -100,7 +100,7 @@ def group_splits(counts: np.ndarray, *, seed: int, fractions: Mapping[str, float
     n = len(labelled)
     if folds > 1:
         if not 0 <= fold < folds:
-            raise ValueError(f"fold {fold} is not in 0..{folds - 1}")
+            raise ConfigError(f"--fold {fold} is not in 0..{folds - 1} (compare.folds {folds}); give one of them")
         if n < folds + 2:
             raise LabelError(f"compare.folds {folds}: only {n} {what} hold labelled samples, a fold needs test, validation and "
                              f"training groups; lower compare.folds to at most {max(n - 2, 1)} or {fix}")
