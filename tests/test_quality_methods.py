@@ -59,6 +59,9 @@ def test_trees_train_save_and_predict_through_the_pipeline(tmp_path: Path, metho
     p = Predictor(ckpt, "cpu", threads=1)
     rows = evaluate_samples(p, test)
     assert len(rows) == 15 and rows["ece"].between(0, 1).all()
+    # the scored probabilities ride along (pooled over folds by benchmarks/real_quality.py)
+    proba, y = rows.attrs["proba"]["s2+s1"]
+    assert proba.shape == (rows["n"].iloc[0], 3) and ece(proba, y) == pytest.approx(rows.set_index("subset")["ece"]["s2+s1"])
     assert rows.set_index("subset")["f1_weighted"]["s2+s1+weather+dem"] > 60  # the classes are learnable
     # the same probabilities as the calibrated model applied by hand
     batch = {m: torch.from_numpy(test.x[m]) for m in MODS} | {"mask": torch.from_numpy(test.mask)}
@@ -97,6 +100,7 @@ def test_gradient_method_with_recipe_trains_monitors_val_f1_and_calibrates(tmp_p
                  augment={"month_mask": 0.2, "modality_drop": 0.2, "shift": 0.2, "noise": 0.05})
     summary = fit_pixels(s, train, val, ckpt, tmp_path / "work")
     assert 0 <= summary["best_val_f1"] <= 100 and "best_val_loss" not in summary
+    assert 0 <= summary["final_val_f1"] <= 100  # the final (calibrated) model on validation
     assert all("val_f1" in row for row in summary["history"])
     _, _, bundle = load_bundle(ckpt)
     assert bundle["class_weights"] is None  # balance: sampler, an unweighted loss

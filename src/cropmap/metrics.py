@@ -147,7 +147,9 @@ def subset_table(predictor: Predictor, batches: list[dict[str, torch.Tensor]], y
                  region_mods: Sequence[str]) -> pd.DataFrame:
     """Score ``batches`` once per non-empty subset of ``region_mods`` (others masked as missing).
 
-    The confusion counts of every subset ride along in ``attrs["confusion"]``.
+    The confusion counts of every subset ride along in ``attrs["confusion"]``, its scored
+    probabilities and labels in ``attrs["proba"]`` (``{subset: (proba [n, K], y [n])}``: pooled
+    over cross-validation folds they give one ECE on every test sample).
     """
     from cropmap.calibration import ece
 
@@ -155,6 +157,7 @@ def subset_table(predictor: Predictor, batches: list[dict[str, torch.Tensor]], y
     valid = y != IGNORE_INDEX
     rows = []
     confusion: list[tuple] = []
+    scored: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for sub in progress(subsets(region_mods), "subsets", "subset"):
         keep = [m in sub for m in mods]
         proba = _predict_batches(predictor, batches, keep) if batches else np.zeros((0, predictor.n_classes))
@@ -162,8 +165,10 @@ def subset_table(predictor: Predictor, batches: list[dict[str, torch.Tensor]], y
         rows.append({"subset": subset_name(sub), "n_modalities": len(sub), "n": int(valid.sum()),
                      **scores(y[valid], pred[valid]), "ece": ece(proba[valid], y[valid])})
         confusion.extend(confusion_long(y[valid], pred[valid], subset_name(sub)).itertuples(index=False, name=None))
+        scored[subset_name(sub)] = (proba[valid], y[valid])
     df = pd.DataFrame(rows)
     df.attrs["confusion"] = confusion  # (subset, true, pred, count) records: area.write_confusion
+    df.attrs["proba"] = scored
     return df
 
 

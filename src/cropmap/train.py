@@ -39,6 +39,8 @@ from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from cropmap.blend import Blend, Blended, fit_weights, trees_kwargs
+from cropmap.calibration import subset_logits
 from cropmap.datasets import PixelSamples, sample_pixels
 from cropmap.device import check_devices, resolve_device
 from cropmap.errors import LabelError
@@ -54,6 +56,7 @@ from cropmap.loop import (
     PixelDataset,
 )
 from cropmap.modalities import channels_per_step, resolve_bands
+from cropmap.models import build_model
 from cropmap.normalize import Normalizer, fit_stats
 from cropmap.predict.bundle import save_bundle
 from cropmap.progress import on_terminal
@@ -130,6 +133,7 @@ class TrainSettings:
     monitor: Literal["val_loss", "val_f1"] = "val_loss"
     augment: dict[str, float] = field(default_factory=dict)
     calibration: Literal["none", "global", "subset"] = "subset"
+    blend: Blend = "none"
 
     @classmethod
     def from_config(cls, config: dict, task: Task, months: list[str]) -> TrainSettings:
@@ -151,7 +155,7 @@ class TrainSettings:
             windows_per_epoch=t.get("windows_per_epoch"), window_augment=bool(seg.get("augment", True)),
             cache_mb=t.get("cache_mb", 2048),
             weight_decay=t["weight_decay"], schedule=t["schedule"], balance=t["balance"], monitor=t["monitor"],
-            augment=dict(config["training"]["augment"]), calibration=t["calibration"],
+            augment=dict(config["training"]["augment"]), calibration=t["calibration"], blend=t["blend"],
         )
 
     def resolved_bands(self) -> dict[str, list[str]]:
@@ -345,10 +349,7 @@ def fit(settings: TrainSettings, train_ds: Dataset, val_ds: Dataset, stats: dict
     if getattr(module.model, "gradient_free", False):
         if not isinstance(train_ds, PixelDataset):
             raise LabelError(f"method {settings.method} classifies pixel time series; set model.task: classification")
-        batch = normalised_batches(module.norm, train_ds, size=max(1, len(train_ds)))[0]
-        fit_samples: Callable[..., dict[str, Any]] = module.model.fit_samples  # type: ignore[assignment]
-        summary |= fit_samples({m: batch[m].numpy() for m in module.model.modalities if m in batch},
-                               batch["mask"].numpy(), batch["y"].numpy())
+        summary |= fit_trees(module.model, module.norm, train_ds)
         summary |= {"epochs": 0, "accelerator": "cpu", "precision": "32-true", "resumed": False, "world_size": 1,
                     "strategy": settings.strategy, "history": []}
         rank, world = 0, 1
@@ -358,15 +359,21 @@ def fit(settings: TrainSettings, train_ds: Dataset, val_ds: Dataset, stats: dict
             return {}
         summary |= loop
         rank, world = 0, loop["world_size"]
-    calibration = None
-    if pixels and settings.calibration != "none":
-        module.eval()
-        calibration = calibrate(module.model, normalised_batches(module.norm, val_ds), settings.calibration)  # type: ignore[arg-type]
-        summary["temperatures"] = [round(t, 4) for t in calibration["temperatures"]]
+    calibration, blended = None, None
+    module.eval()
+    if pixels:
+        if settings.blend != "none" and not getattr(module.model, "gradient_free", False):
+            blended = blend_trees(settings, module, train_ds, val_ds)  # type: ignore[arg-type]
+            summary["blend_weights"] = [round(float(w), 2) for w in blended.blend_weights]
+        val_logits = subset_logits(blended or module.model, normalised_batches(module.norm, val_ds), settings.modalities)  # type: ignore[arg-type]
+        summary |= subset_f1(val_logits, len(settings.modalities))
+        if settings.calibration != "none":
+            calibration = calibrate(val_logits, len(settings.modalities), settings.calibration)
+            summary["temperatures"] = [round(t, 4) for t in calibration["temperatures"]]
     save_bundle(out_ckpt, module.model, module.norm, model_kwargs=settings.model_kwargs(), classes=settings.classes,
                 modalities=settings.modalities, months=settings.months, task=settings.task,
                 min_valid_fraction=settings.min_valid_fraction, class_weights=module.hparams["class_weights"],
-                summary=summary, bands=settings.resolved_bands(), calibration=calibration)
+                summary=summary, bands=settings.resolved_bands(), calibration=calibration, blend=blended)
     with atomic_path(summary_json or out_ckpt.parent / "train_summary.json") as tmp:
         tmp.write_text(json.dumps(summary, indent=2))
     log.info("rank %d of %d: wrote %s", rank, world, out_ckpt)
@@ -375,19 +382,51 @@ def fit(settings: TrainSettings, train_ds: Dataset, val_ds: Dataset, stats: dict
     return summary
 
 
-def calibrate(model: torch.nn.Module, val_batches: Sequence[dict[str, Tensor]], per: str) -> dict[str, Any]:
-    """Temperatures per sensor subset fitted on normalised validation batches (the bundle's ``calibration``)."""
-    from cropmap.calibration import fit_temperatures, subset_logits
+def fit_trees(model: torch.nn.Module, norm: Normalizer, train_ds: PixelDataset) -> dict[str, Any]:
+    """Fit a gradient-free model (:mod:`cropmap.models.trees`) on the normalised training pixels."""
+    batch = normalised_batches(norm, train_ds, size=max(1, len(train_ds)))[0]
+    fit_samples: Callable[..., dict[str, Any]] = model.fit_samples  # type: ignore[assignment]
+    return fit_samples({m: batch[m].numpy() for m in model.modalities if m in batch},  # type: ignore[union-attr]
+                       batch["mask"].numpy(), batch["y"].numpy())
 
-    was = model.training
-    model.eval()
-    try:
-        logits = subset_logits(model, val_batches, model.modalities)  # type: ignore[arg-type]
-    finally:
-        model.train(was)
-    temps = fit_temperatures(logits, len(model.modalities), per)  # type: ignore[arg-type]
+
+def blend_trees(settings: TrainSettings, module: CoLearningModule, train_ds: PixelDataset, val_ds: PixelDataset) -> Blended:
+    """The trained network blended with per-subset trees fitted on the same training pixels
+    (``training.blend``, :mod:`cropmap.blend`): weights per sensor subset chosen on the validation pixels."""
+    from cropmap.models.trees import TreesDedicated
+
+    trees = build_model(**trees_kwargs(settings.model_kwargs()))
+    assert isinstance(trees, TreesDedicated)
+    fitted = fit_trees(trees, module.norm, train_ds)
+    val = normalised_batches(module.norm, val_ds)
+    with torch.no_grad():
+        weights = fit_weights(subset_logits(module.model, val, settings.modalities),
+                              subset_logits(trees, val, settings.modalities), len(settings.modalities))
+    log.info("blend with %s (%d subsets fitted): network weight per sensor subset %s", trees.method,
+             len(fitted["fitted_subsets"]), [round(w, 2) for w in weights])
+    return Blended(module.model, trees, weights).eval()
+
+
+def calibrate(val_logits: dict[int, tuple[np.ndarray, np.ndarray]], n_modalities: int, per: str) -> dict[str, Any]:
+    """Temperatures per sensor subset fitted on the final model's validation logits
+    (:func:`cropmap.calibration.subset_logits`): the bundle's ``calibration``."""
+    from cropmap.calibration import fit_temperatures
+
+    temps = fit_temperatures(val_logits, n_modalities, per)  # type: ignore[arg-type]
     log.info("temperatures per sensor subset (%s): %s", per, [round(t, 3) for t in temps])
     return {"per": per, "temperatures": temps}
+
+
+def subset_f1(val_logits: dict[int, tuple[np.ndarray, np.ndarray]], n_modalities: int) -> dict[str, float]:
+    """The final model's validation scores (what recipes are compared on): ``final_val_f1``, the
+    weighted F1 (percent) averaged over every sensor subset, and ``final_val_f1_full`` (all sensors)."""
+    from sklearn.metrics import f1_score
+
+    f1 = {c: 100 * float(f1_score(y, lg.argmax(1), average="weighted", zero_division=0)) for c, (lg, y) in val_logits.items()}
+    if not f1:
+        return {}
+    return {"final_val_f1": round(float(np.mean(list(f1.values()))), 2),
+            "final_val_f1_full": round(f1.get(2**n_modalities - 1, float("nan")), 2)}
 
 
 def _lightning(settings: TrainSettings, module: CoLearningModule, train_ds: Dataset, val_ds: Dataset, work_dir: Path,

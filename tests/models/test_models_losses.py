@@ -397,3 +397,28 @@ def test_segmentation_feature_terms_use_pixels_as_samples(build_fn, batch_fn, me
 
     assert torch.equal(drawn_cont(3), drawn_cont(3)), "the draw follows the method's generator"
     assert not torch.equal(drawn_cont(3), drawn_cont(4))
+
+
+def test_loss_weights_scale_the_named_terms_of_total(build_fn, batch_fn):
+    from cropmap.errors import UnknownNameError
+
+    batch = batch_fn("classification", b=8, seed=3)
+    torch.manual_seed(0)
+    plain = build_fn("comiss", "classification")
+    torch.manual_seed(0)
+    weighted = build_fn("comiss", "classification", loss_weights={"cont": 0.1, "mod": 0.0})
+    weighted.load_state_dict(plain.state_dict())
+    plain.eval(), weighted.eval()
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    plain.generator, weighted.generator = g1, g2  # the same ModDrop draws
+    t1 = plain.loss(plain(batch), batch)
+    t2 = weighted.loss(weighted(batch), batch)
+    for k in t1:
+        if k != "total":
+            assert close(t1[k], t2[k])  # the terms themselves are unchanged
+    assert close(t1["total"], sum(v for k, v in t1.items() if k != "total"))  # unweighted sum by default
+    want = sum(v * {"cont": 0.1, "mod": 0.0}.get(k, 1.0) for k, v in t1.items() if k != "total")
+    assert close(t2["total"], want)
+    bad = build_fn("comiss", "classification", loss_weights={"contrast": 0.5})
+    with pytest.raises(UnknownNameError, match="valid: main, mod, cont"):
+        bad.loss(bad(batch), batch)

@@ -63,6 +63,8 @@ class CoLearningModel(nn.Module, abc.ABC):
         class_weights: ``[K]`` weights of the supervised loss (``[2]`` for binary), or None.
         generator: RNG for the method's random draws (ModDrop); the global RNG when None.
         dropout: dropout of the encoders.
+        loss_weights: weight of named loss terms in ``total`` (``{"cont": 0.1}``; default 1 each):
+            ``model.options.loss_weights``. The papers sum their terms unweighted.
     """
 
     #: Set by :func:`~cropmap.models.registry.register_method`.
@@ -83,6 +85,7 @@ class CoLearningModel(nn.Module, abc.ABC):
         class_weights: Tensor | Sequence[float] | None = None,
         generator: torch.Generator | None = None,
         dropout: float = 0.2,
+        loss_weights: Mapping[str, float] | None = None,
     ):
         super().__init__()
         if task not in TASKS:
@@ -109,6 +112,7 @@ class CoLearningModel(nn.Module, abc.ABC):
         self.n_out = 1 if head == "binary" else self.n_classes
         self.dropout = dropout
         self.generator = generator
+        self.loss_weights = {str(k): float(v) for k, v in (loss_weights or {}).items()}
         enc = dict(encoders or {})
         for name in enc:  # entries for known but unselected modalities are ignored
             if name not in MODALITIES and name != "input":
@@ -232,9 +236,13 @@ class CoLearningModel(nn.Module, abc.ABC):
         """Fused and per-modality logits plus method-specific tensors."""
 
     def loss(self, out: Output, batch: Batch) -> dict[str, Tensor]:
-        """Named loss terms and ``"total"`` (their unweighted sum)."""
+        """Named loss terms and ``"total"``: their sum, each term times its ``loss_weights`` entry (default 1)."""
         terms = self._terms(out, batch["y"])
-        terms["total"] = torch.stack(list(terms.values())).sum()
+        unknown = sorted(set(self.loss_weights) - set(terms))
+        if unknown:
+            raise UnknownNameError(f"model.options.loss_weights names {unknown}, not loss terms of {self.method}; "
+                                   f"valid: {', '.join(terms)}")
+        terms["total"] = torch.stack([v * self.loss_weights.get(k, 1.0) for k, v in terms.items()]).sum()
         return terms
 
     @abc.abstractmethod

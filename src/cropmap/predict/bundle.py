@@ -7,7 +7,9 @@ Keys: ``state_dict`` (the model's weights under ``model.*`` and the normalisatio
 (per modality, whether it has a time axis), ``bands`` (per modality, the bands of each time
 step; :func:`bundle_bands` reads it, also from bundles written before it existed),
 ``calibration`` (``{"per", "temperatures"}`` of :mod:`cropmap.calibration`, or None; the
-loaded model applies the temperature of each sample's sensor subset) and ``sha256``
+loaded model applies the temperature of each sample's sensor subset), ``blend_kwargs`` (the
+tree part's arguments when the network is blended with trees, :mod:`cropmap.blend`; its
+trees and weights are ``blend.*`` entries of ``state_dict``; None otherwise) and ``sha256``
 (:func:`weights_digest` of the weights and temperatures, checked on load).
 :func:`check_stacks` checks that a region's stacks are what the model was trained on. :func:`save_bundle` writes it (the ``train``
 stage), :func:`load_bundle` rebuilds the model from the factory without Lightning.
@@ -24,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from cropmap.blend import Blended, trees_kwargs
 from cropmap.errors import InputDataError, brief
 from cropmap.io import atomic_path
 from cropmap.modalities import TEMPORAL, resolve_bands
@@ -35,7 +38,7 @@ def save_bundle(out: Path, model: nn.Module, norm: Normalizer, *, model_kwargs: 
                 classes: Sequence[dict], modalities: Sequence[str], months: Sequence[str], task: str,
                 min_valid_fraction: float, class_weights: Sequence[float] | None,
                 summary: Mapping[str, Any], bands: Mapping[str, Sequence[str]] | None = None,
-                calibration: Mapping[str, Any] | None = None) -> None:
+                calibration: Mapping[str, Any] | None = None, blend: nn.Module | None = None) -> None:
     """Write the ``model.ckpt`` bundle read by :func:`load_bundle` (atomic).
 
     Args:
@@ -53,9 +56,14 @@ def save_bundle(out: Path, model: nn.Module, norm: Normalizer, *, model_kwargs: 
         bands: the bands of each modality (default every band of :data:`cropmap.modalities.BANDS`).
         calibration: ``{"per": ..., "temperatures": [2^M floats]}`` fitted on validation data
             (:func:`cropmap.train.calibrate`), or None for an uncalibrated model.
+        blend: the :class:`cropmap.blend.Blended` wrapper of ``model`` (``training.blend``), or None:
+            its trees and weights are stored as ``blend.*`` weights and its trees' arguments
+            under ``blend_kwargs``.
     """
     state = {f"model.{k}": v for k, v in model.state_dict().items()}
     state |= {f"norm.{k}": v for k, v in norm.state_dict().items()}
+    if blend is not None:
+        state |= {f"blend.{k}": v for k, v in blend.state_dict().items() if not k.startswith("model.")}
     bundle = {
         "state_dict": state, "model_kwargs": dict(model_kwargs), "stats": norm.stats(),
         "classes": list(classes), "modalities": list(modalities), "months": list(months),
@@ -64,6 +72,7 @@ def save_bundle(out: Path, model: nn.Module, norm: Normalizer, *, model_kwargs: 
         "temporal": {m: TEMPORAL[m] for m in modalities},
         "bands": {m: list(resolve_bands(bands)[m]) for m in modalities},
         "calibration": dict(calibration) if calibration else None,
+        "blend_kwargs": trees_kwargs(model_kwargs) if blend is not None else None,
         "sha256": weights_digest(state, calibration),
     }
     with atomic_path(out) as tmp:
@@ -107,7 +116,7 @@ def load_bundle(path: Path, device: str | torch.device = "cpu") -> tuple[nn.Modu
     model: nn.Module = build_model(**bundle["model_kwargs"],
                         class_weights=torch.tensor(weights, dtype=torch.float32) if weights else None)
     norm = Normalizer(bundle["stats"])
-    parts: dict[str, dict[str, torch.Tensor]] = {"model": {}, "norm": {}}
+    parts: dict[str, dict[str, torch.Tensor]] = {"model": {}, "norm": {}, "blend": {}}
     for key, value in bundle["state_dict"].items():
         head, _, rest = key.partition(".")
         if head not in parts:
@@ -115,6 +124,10 @@ def load_bundle(path: Path, device: str | torch.device = "cpu") -> tuple[nn.Modu
         parts[head][rest] = value
     model.load_state_dict(parts["model"])
     norm.load_state_dict(parts["norm"])
+    if bundle.get("blend_kwargs"):
+        trees = build_model(**bundle["blend_kwargs"])
+        trees.load_state_dict({k.removeprefix("trees."): v for k, v in parts["blend"].items() if k.startswith("trees.")})
+        model = Blended(model, trees, parts["blend"]["blend_weights"])
     cal = bundle.get("calibration")
     if cal and cal.get("temperatures"):
         from cropmap.calibration import Calibrated
