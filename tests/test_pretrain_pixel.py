@@ -228,3 +228,20 @@ def test_pretrain_rule_runs_for_a_training_set_and_training_loads_it(tmp_path: P
     assert "fine-tuning from the pretrained encoders of" in log
     assert not (tmp_path / "models/fields/pretrain/fold0").exists()  # only what the targets need
     assert "pretrain" in res.stderr
+
+
+def test_pretrain_command_of_a_region(tmp_path: Path) -> None:
+    """``cropmap pretrain --kind pixel`` on a region's stack folder, labels and chips (as the rule calls it)."""
+    from cropmap.cli import main
+
+    grid, stack, chips = _region(tmp_path)
+    months = ["2023-05", "2023-06"]
+    p = {"region": "r", "grid": grid.to_dict(), "months": months, "modalities": MODS, "bands": FULL, "hidden": 8,
+         "encoders": {}, "seed": 0, "device": "cpu", "min_valid_fraction": 0.5,
+         "pretrain": {"enabled": True, "epochs": 1, "pixel_batch_size": 64, "pixel_lr": 1e-3, "month_mask": 0.5,
+                      "modality_mask": 0.5, "max_pixels": 200}}
+    out = tmp_path / "pixel.ckpt"
+    assert main(["pretrain", "--kind", "pixel", "--params", json.dumps(p), "--inputs", str(stack), str(tmp_path / "labels.tif"),
+                 str(chips), "--out", str(out)]) == 0
+    ckpt = torch.load(out, weights_only=True)
+    assert ckpt["summary"]["n_pixels"] == 200 and ckpt["months"] == months and set(ckpt["encoders"]) == set(MODS)

@@ -327,7 +327,9 @@ def pretrain_pixels(x: Mapping[str, np.ndarray], mask: np.ndarray, modalities: S
     t0 = time.time()
     torch.manual_seed(seed)
     dev = resolve_device(device, "training.device")
-    stats = fit_stats({m: np.asarray(x[m]) for m in modalities}, "pixels")
+    with warnings.catch_warnings():  # a sensor without any valid value gets mean 0, std 1
+        warnings.simplefilter("ignore", RuntimeWarning)
+        stats = fit_stats({m: np.asarray(x[m]) for m in modalities}, "pixels")
     with torch.no_grad():
         data = Normalizer(stats)({m: torch.from_numpy(np.ascontiguousarray(x[m], dtype=np.float32)) for m in modalities})
     data["mask"] = torch.from_numpy(np.asarray(mask, dtype=bool))
