@@ -334,10 +334,14 @@ def pretrain_pixels(x: Mapping[str, np.ndarray], mask: np.ndarray, modalities: S
         data = Normalizer(stats)({m: torch.from_numpy(np.ascontiguousarray(x[m], dtype=np.float32)) for m in modalities})
     data["mask"] = torch.from_numpy(np.asarray(mask, dtype=bool))
     n = len(data["mask"])
+    if n < 2:
+        raise InputDataError(f"{out}: {n} pretraining pixel with a sensor; pixel pretraining needs at least 2")
     model = PixelMAE(modalities, {m: len(bands[m]) for m in modalities}, len(months), hidden, encoders, month_mask,
                      modality_mask, generator=torch.Generator().manual_seed(seed + 1)).to(dev)
     bs = max(2, min(batch_size, n))
-    per_epoch = max(1, n // bs)
+    # every pixel once per epoch; a last batch of one pixel is left out (batch norm needs two)
+    batches = [(k, min(k + bs, n)) for k in range(0, n, bs) if min(k + bs, n) - k >= 2]
+    per_epoch = len(batches)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     sched = warmup_cosine(opt, epochs * per_epoch)
     order = torch.Generator().manual_seed(seed)
@@ -346,8 +350,8 @@ def pretrain_pixels(x: Mapping[str, np.ndarray], mask: np.ndarray, modalities: S
     for epoch in range(epochs):
         perm = torch.randperm(n, generator=order)
         total = 0.0
-        for k in range(per_epoch):
-            idx = perm[k * bs : (k + 1) * bs]
+        for a, b in batches:
+            idx = perm[a:b]
             terms = model({key: v[idx].to(dev) for key, v in data.items()})
             opt.zero_grad(set_to_none=True)
             terms["total"].backward()
