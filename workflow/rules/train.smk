@@ -22,7 +22,7 @@ rule pretrain:
         runtime=240,
         gpu=min(1, gpus(config["training"])),  # pretraining uses one device
     shell:
-        "CROPMAP_THREADS={threads} python -m cropmap pretrain --params {params.p:q} --kind {params.kind}"
+        "CROPMAP_THREADS={threads} python -m cropmap pretrain --params {params.p:q} --kind {params.kind:q}"
         " --inputs {input:q} --out {output:q} --log {log:q}"
 
 
