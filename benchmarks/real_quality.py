@@ -25,6 +25,7 @@ the fold means); against ``trees_nan`` on extreme gaps; its pooled test ECE). Us
     python benchmarks/real_quality.py [--out /tmp/real_quality] [--folds 7] [--cores 2]
     python benchmarks/real_quality.py --methods comiss trees_dedicated trees_nan   # reduced
     python benchmarks/real_quality.py --set training.blend=none --out /tmp/rq_noblend   # an ablation
+    python benchmarks/real_quality.py --pretrain   # pixel methods fine-tuned from pixel pretraining
 
 The default runs every pixel method (``--methods`` must include the default method and both
 tree references). Rerunning with the same ``--out`` reruns only what changed (Snakemake).
@@ -179,6 +180,9 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--cores", type=int, default=2)
+    ap.add_argument("--pretrain", action="store_true",
+                    help="model.pretrain.enabled: the pixel methods fine-tune from self-supervised encoders pretrained on "
+                         "each fold's train/val samples (the pretrain rule; schema defaults of model.pretrain)")
     ap.add_argument("--reuse", action="store_true",
                     help="keep finished fold runs in --out even if the code or settings changed since (--rerun-triggers mtime)")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
@@ -189,6 +193,8 @@ def main() -> None:
     a.hidden = 64  # replaced by config.yaml's model block
     cfg, default = workflow_config(a)
     override(cfg, a.set)
+    if a.pretrain:
+        cfg["model"]["pretrain"] = {"enabled": True}
     need = {default, "trees_dedicated", "trees_nan"}
     if not need <= set(cfg["compare"]["methods"]):
         sys.exit(f"--methods must include {sorted(need)} (the default method and both tree references)")

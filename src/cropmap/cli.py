@@ -179,13 +179,22 @@ def cmd_train(a: argparse.Namespace, p: dict[str, Any]) -> None:
 def cmd_pretrain(a: argparse.Namespace, p: dict[str, Any]) -> None:
     from cropmap import pretrain
 
-    _checked_stacks(a, p)
-    _checked_labels(a, p)
-    pt = p["pretrain"]
-    summary = pretrain.run(Path(a.stack_dir), Path(a.chips), _grid(p), p["months"], p["modalities"], Path(a.out),
-                           preset=p["preset"], epochs=pt["epochs"], batch_size=pt["batch_size"], lr=pt["lr"],
-                           seed=p["seed"], device=p["device"], min_valid_fraction=p["min_valid_fraction"],
-                           labels_tif=Path(a.labels), bands=p.get("bands"))
+    _sort_inputs(a)
+    if a.kind == "pixel" and a.samples is not None:  # a training set (or a fold of it)
+        summary = pretrain.run_pixels(p, Path(a.out), samples_npz=Path(a.samples))
+    else:
+        _need(a, "stack_dir", "labels", "chips")
+        _checked_stacks(a, p)
+        _checked_labels(a, p)
+        if a.kind == "pixel":
+            summary = pretrain.run_pixels(p, Path(a.out), stack_dir=Path(a.stack_dir), labels_tif=Path(a.labels),
+                                          chips_parquet=Path(a.chips))
+        else:
+            pt = p["pretrain"]
+            summary = pretrain.run(Path(a.stack_dir), Path(a.chips), _grid(p), p["months"], p["modalities"], Path(a.out),
+                                   preset=p["preset"], epochs=pt["epochs"], batch_size=pt["batch_size"], lr=pt["lr"],
+                                   seed=p["seed"], device=p["device"], min_valid_fraction=p["min_valid_fraction"],
+                                   labels_tif=Path(a.labels), bands=p.get("bands"))
     log.info("pretrained: %s", json.dumps(summary, default=str))
 
 
@@ -306,7 +315,8 @@ INPUTS: dict[str, dict[str, str]] = {
     "chips": {"stack_dir": "stack", "labels": "labels"},
     "train": {"inputs": "stack, labels, chips or samples", "stack_dir": "stack", "labels": "labels", "chips": "chips",
               "samples": "samples"},
-    "pretrain": {"stack_dir": "stack", "labels": "labels", "chips": "chips"},
+    "pretrain": {"inputs": "stack, labels, chips or samples", "stack_dir": "stack", "labels": "labels", "chips": "chips",
+                 "samples": "samples"},
     "predict": {"model": "train", "stack_dir": "stack"}, "mosaic": {"tiles_dir": "predict", "tiles": "predict"},
     "expected_f1": {"map": "mosaic", "metrics": "metrics"}, "coverage": {"map": "mosaic", "stack_dir": "stack"},
     "metrics": {"model": "train", "inputs": "stack, labels, chips or samples", "stack_dir": "stack", "labels": "labels",
@@ -368,7 +378,7 @@ STAGES: dict[str, str] = {
     "fold": "labels and chips, or samples, of one fold of spatial cross-validation (compare.folds)",
     "chips": "enumerate segmentation chips with split and per-sensor presence (chips.parquet)",
     "train": "train a co-learning model of a region or training set (model.ckpt + train_summary.json)",
-    "pretrain": "self-supervised pretraining of the imt encoder on a region's stacks",
+    "pretrain": "self-supervised pretraining (no labels) of the imt encoder or of the pixel methods' sensor encoders",
     "predict": "predict one tile of a region with whichever sensors each pixel has",
     "mosaic": "mosaic the tiles into the map COG, a quicklook PNG and a STAC item",
     "expected_f1": "per pixel, the held-out weighted F1 of the sensor subset it was mapped with",
@@ -413,7 +423,10 @@ def build_parser() -> argparse.ArgumentParser:
         chips={"default": None}, samples={"default": None, "help": "a training set's samples.npz (instead of a region's data)"},
         task={"choices": ["classification", "segmentation"], "required": True},
         summary={"default": None, "help": "training summary JSON (default train_summary.json beside --out)"})
-    add("pretrain", cmd_pretrain, "stack_dir", "labels", "chips", "out")
+    add("pretrain", cmd_pretrain, "out", inputs=inputs, stack_dir={"default": None}, labels={"default": None},
+        chips={"default": None}, samples={"default": None, "help": "a training set's samples.npz (kind pixel)"},
+        kind={"choices": ["imt", "pixel"], "default": "imt",
+              "help": "imt: the imt chip encoder; pixel: the pixel methods' per-sensor encoders"})
     add("predict", cmd_predict, "model", "stack_dir", "tile", "out")
     add("mosaic", cmd_mosaic, "out", "quicklook", "stac", tiles_dir={"default": None}, tiles={"nargs": "*", "default": []},
         proba={"default": None}, model={"default": None, "help": "model.ckpt that drew the tiles: its class table is the legend "

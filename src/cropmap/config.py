@@ -360,14 +360,19 @@ def has_labels(config: dict, region: str) -> bool:
     return r.get("labels") is not None or r.get("source", "synthetic") == "synthetic"
 
 
-def stage_params(config: dict, stage: str, region: str, method: str | None = None) -> dict[str, Any]:
+def stage_params(config: dict, stage: str, region: str, method: str | None = None,
+                 fold: int | str | None = None) -> dict[str, Any]:
     """The config subset a stage of ``region`` depends on.
+
+    ``method``: the method of a comparison run (stage ``train``), or the kind of the
+    ``pretrain`` stage (``imt``, the default, or ``pixel``). ``fold``: the comparison fold of a
+    ``train`` run (it picks that fold's pixel pretraining).
 
     Rules pass it to the stage as JSON, so Snakemake reruns a job exactly when its part of
     the config changed (adding a region changes no other region's parameters).
     """
     if region in config["training_sets"]:
-        return _training_set_params(config, stage, region, method)
+        return _training_set_params(config, stage, region, method, fold)
     r = config["regions"][region]
     grid = region_grid(r).to_dict()
     months = region_months(r)
@@ -384,11 +389,10 @@ def stage_params(config: dict, stage: str, region: str, method: str | None = Non
     if stage == "chips":
         return base | {"size": config["chips"]["size"], "min_valid_fraction": config["availability"]["min_valid_fraction"]}
     if stage == "train":
-        p = _train_params(config, base, method)
-        if uses_pretraining(config, p["model"]["method"]):
-            p["model"]["options"]["pretrained"] = pretrain_path(config, region)
-        return p
+        return _train_params(config, base, method, region, fold)
     if stage == "pretrain":
+        if method == "pixel":
+            return _pixel_pretrain_params(config, base)
         return base | {"pretrain": config["model"]["pretrain"], "preset": config["model"]["options"].get("preset", "tiny"),
                        "seed": config["seed"], "device": config["training"]["device"],
                        "min_valid_fraction": config["availability"]["min_valid_fraction"]}
@@ -408,7 +412,17 @@ def stage_params(config: dict, stage: str, region: str, method: str | None = Non
     raise ValueError(f"unknown stage {stage!r}")
 
 
-def _train_params(config: dict, base: dict[str, Any], method: str | None) -> dict[str, Any]:
+def _pixel_pretrain_params(config: dict, base: dict[str, Any]) -> dict[str, Any]:
+    """``pretrain`` parameters of the pixel encoders: the pretraining block, and the encoder
+    names and width of the models that fine-tune them."""
+    m = config["model"]
+    return base | {"pretrain": {k: v for k, v in m["pretrain"].items() if k not in ("batch_size", "lr")},
+                   "hidden": m["hidden"], "encoders": m["encoders"], "seed": config["seed"],
+                   "device": config["training"]["device"], "min_valid_fraction": config["availability"]["min_valid_fraction"]}
+
+
+def _train_params(config: dict, base: dict[str, Any], method: str | None, region: str,
+                  fold: int | str | None = None) -> dict[str, Any]:
     p = base | copy.deepcopy({k: config[k] for k in ("model", "training", "classes", "availability", "seed")})
     if method is not None:  # a run of the comparison protocol
         if method != p["model"]["method"]:  # the options of model.method that this method takes
@@ -420,11 +434,22 @@ def _train_params(config: dict, base: dict[str, Any], method: str | None) -> dic
         if config["compare"]["epochs"]:
             p["training"]["epochs"] = config["compare"]["epochs"]
             p["training"].setdefault("segmentation", {})["epochs"] = config["compare"]["epochs"]
+    name = p["model"]["method"]
+    # the task trained: a training set's pixels, a comparison's compare.task, else model.task
+    task = "classification" if region in config["training_sets"] else compare_task(config) if method else p["model"]["task"]
+    if uses_pretraining(config, name, task):
+        path = pretrain_path(config, region, name, task, fold)
+        if name == "imt":
+            p["model"]["options"]["pretrained"] = path
+        else:  # TrainSettings.pretrained: the pixel encoders' checkpoint
+            p["model"]["pretrain"]["checkpoint"] = path
     return p
 
 
-def _training_set_params(config: dict, stage: str, name: str, method: str | None) -> dict[str, Any]:
-    """:func:`stage_params` of a training set (stages ``samples``, ``fold``, ``train``, ``metrics``)."""
+def _training_set_params(config: dict, stage: str, name: str, method: str | None,
+                         fold: int | str | None = None) -> dict[str, Any]:
+    """:func:`stage_params` of a training set (stages ``samples``, ``fold``, ``train``, ``pretrain``
+    (kind ``pixel``), ``metrics``)."""
     base = {"region": name, "months": months_of(config, name), "modalities": config["modalities"], "bands": bands_of(config)}
     if stage == "samples":
         return base | {"name": name, "set": config["training_sets"][name], "classes": config["classes"], "seed": config["seed"],
@@ -432,7 +457,9 @@ def _training_set_params(config: dict, stage: str, name: str, method: str | None
     if stage == "fold":
         return {"region": name, "split": config["split"], "seed": config["seed"], "folds": config["compare"]["folds"]}
     if stage == "train":
-        return _train_params(config, base, method)
+        return _train_params(config, base, method, name, fold)
+    if stage == "pretrain" and method == "pixel":
+        return _pixel_pretrain_params(config, base)
     if stage == "metrics":
         return base | {"evaluation": config["evaluation"], "seed": config["seed"], "prediction": config["prediction"]}
     raise ValueError(f"stage {stage!r} does not apply to the training set {name!r} (it has no stacks or map)")
@@ -468,11 +495,25 @@ def gpu_count(block: dict) -> int:
     return len([d for d in devices.strip("[]").split(",") if d.strip()]) if "," in devices else 1
 
 
-def uses_pretraining(config: dict, method: str) -> bool:
-    """Whether training ``method`` starts from the self-supervised ``pretrain`` rule's weights."""
-    return method == "imt" and bool(config["model"]["pretrain"]["enabled"])
+def pretrain_kind(method: str, task: str | None = None) -> str | None:
+    """What the ``pretrain`` stage pretrains for ``method`` on ``task`` (default ``classification``
+    for pixel methods): ``imt`` (its chip encoder), ``pixel`` (per-sensor pixel encoders) or None."""
+    if method == "imt":
+        return "imt"
+    from cropmap.models.pixel_pretrain import pixel_pretrainable
+
+    return "pixel" if (task or "classification") == "classification" and pixel_pretrainable(method) else None
 
 
-def pretrain_path(config: dict, region: str) -> str:
-    """Checkpoint written by the ``pretrain`` rule for ``region``."""
-    return f"{config['models_dir']}/{region}/pretrain/imt.ckpt"
+def uses_pretraining(config: dict, method: str, task: str | None = None) -> bool:
+    """Whether training ``method`` (on ``task``) starts from the self-supervised ``pretrain`` rule's weights."""
+    return bool(config["model"]["pretrain"]["enabled"]) and pretrain_kind(method, task) is not None
+
+
+def pretrain_path(config: dict, region: str, method: str = "imt", task: str | None = None, fold: int | str | None = None) -> str:
+    """Checkpoint written by the ``pretrain`` rule for ``method`` of ``region`` (or training set):
+    ``pretrain/imt.ckpt``, ``pretrain/pixel.ckpt`` or, for a fold of the comparison with
+    ``compare.folds`` > 1, ``pretrain/fold<k>/pixel.ckpt`` (pretrained on that fold's split)."""
+    kind = pretrain_kind(method, task) or "imt"
+    per_fold = kind == "pixel" and fold is not None and int(config["compare"]["folds"]) > 1
+    return f"{config['models_dir']}/{region}/pretrain/{f'fold{fold}/' if per_fold else ''}{kind}.ckpt"

@@ -1,6 +1,9 @@
-"""Stage ``pretrain``: self-supervised pretraining of the ``imt`` encoder on a region's stacks.
+"""Stage ``pretrain``: self-supervised pretraining of encoders on unlabelled data (no labels used).
 
-No labels are used: chips come from ``chips.parquet`` (every split except ``exclude_splits``,
+Two kinds, one stage (``--kind``; rule ``pretrain`` writes ``models/<name>/pretrain/<kind>.ckpt``):
+
+``imt`` (:func:`run`), the chip encoder of ``imt`` on a region's stacks. Chips come from
+``chips.parquet`` (every split except ``exclude_splits``,
 by default the test split, so test inputs never shape the encoder) and are read with
 :class:`cropmap.datasets.ChipDataset`; per-channel z-scores are fitted on them
 (:func:`cropmap.normalize.fit_stats`). The objective is :class:`cropmap.models.imt_pretrain.IMTPretrainer`:
@@ -8,10 +11,29 @@ MultiMAE masking with a Dirichlet(alpha) token budget across modalities, per-mod
 reconstruction of the masked patches (MSE s2/s1/weather, L1 dem) and InfoNCE between each
 modality's global vector and the fusion vector. Optimiser as in the paper: AdamW (lr 1e-4,
 weight decay 0.05), linear warm-up over the first 5 % of steps then cosine decay; bf16 autocast
-on CUDA.
+on CUDA. The checkpoint (written atomically) holds the encoder weights and its size; fine-tuning
+loads it with ``build_model("imt", ..., preset=<same>, pretrained=<path>)``.
 
-The checkpoint (written atomically) holds the encoder weights and its size; fine-tuning loads it
-with ``build_model("imt", ..., preset=<same>, pretrained=<path>)``.
+``pixel`` (:func:`run_pixels`), the per-sensor encoders of the pixel co-learning methods
+(``model.task: classification``; every gradient method with per-sensor encoders,
+:func:`cropmap.models.pixel_pretrain.pixel_pretrainable`). The objective is masked reconstruction
+across months and sensors, :class:`cropmap.models.pixel_pretrain.PixelMAE`. Its pixels, never
+of the test split:
+
+* a region: up to ``max_pixels`` pixels with a sensor, spread evenly over random chips whose
+  split is ``train`` or ``val`` (a ``test`` or ``mixed`` chip is never read);
+* a training set: every sample whose split is not test (at most ``max_pixels``, at random).
+
+Cross-validation (``compare.folds`` > 1) re-splits the data per fold and every sample is test in
+one fold, so there is no pretraining set that is never test: the pixel pretraining runs **per
+fold**, on that fold's train and val data (the fold folder of the ``fold`` stage), and writes
+``pretrain/fold<k>/pixel.ckpt``, which only that fold's models load. With one fold the
+comparison uses the workflow's own split and the region's ``pretrain/pixel.ckpt``.
+Normalisation statistics are fitted on the pretraining pixels and stored with the encoders
+(and their names, width, bands and months); fine-tuning (:func:`cropmap.train.fit`, via
+:func:`cropmap.models.pixel_pretrain.init_module`) loads the encoders, normalises with those
+statistics and says so in its log and summary (``pretrained_from``, ``pretrained_tensors``).
+The optimiser is AdamW with a linear warm-up and cosine decay (:func:`cropmap.loop.warmup_cosine`).
 """
 
 from __future__ import annotations
@@ -29,15 +51,18 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 
-from cropmap.datasets import ChipDataset
+from cropmap.datasets import ChipDataset, to_time_series
 from cropmap.device import resolve_device
 from cropmap.errors import InputDataError
 from cropmap.grid import Grid
 from cropmap.io import atomic_path
+from cropmap.labels import SPLITS
+from cropmap.modalities import resolve_bands
 from cropmap.models.imt import build_encoder, imt_config
 from cropmap.models.imt_pretrain import IMTPretrainer
 from cropmap.models.spatial import flat_channels
 from cropmap.normalize import Normalizer, fit_stats
+from cropmap.samples import SampleSet, read_samples
 
 log = logging.getLogger(__name__)
 
@@ -205,3 +230,166 @@ def run(
         torch.save(ckpt, tmp)
     summary["out"] = str(out)
     return summary
+
+
+#: Chip splits whose pixels the pixel pretraining reads (never ``test``, nor a ``mixed`` chip).
+PIXEL_SPLITS: tuple[str, ...] = ("train", "val")
+
+
+def region_pixels(stack_dir: Path, labels_tif: Path, chips_parquet: Path, grid: Grid, months: Sequence[str],
+                  modalities: Sequence[str], *, max_pixels: int, min_valid_fraction: float, seed: int,
+                  bands: Mapping[str, Sequence[str]] | None = None) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Up to ``max_pixels`` unlabelled pixels of a region that have a sensor: an equal random
+    share of each of random chips of the :data:`PIXEL_SPLITS`.
+
+    Returns:
+        ``({m: [N, T, C] / [N, C]} with NaN invalid, mask bool [N, M])``.
+
+    Raises:
+        InputDataError: no such chip or pixel.
+    """
+    chips = pd.read_parquet(chips_parquet)
+    chips = chips[chips["split"].isin(PIXEL_SPLITS)]
+    present = [f"present_{m}" for m in modalities if f"present_{m}" in chips]
+    if present:
+        chips = chips[(chips[present] > 0).any(axis=1)]
+    if chips.empty:
+        raise InputDataError(f"{chips_parquet}: no {'/'.join(PIXEL_SPLITS)} chip with a present sensor; nothing to pretrain on")
+    rng = np.random.default_rng(seed)
+    ds = ChipDataset(stack_dir, labels_tif, chips.iloc[rng.permutation(len(chips))], grid, months, modalities,
+                     min_valid_fraction, bands)
+    per_chip = max(1, -(-max_pixels // len(chips)))
+    xs: dict[str, list[np.ndarray]] = {m: [] for m in modalities}
+    masks: list[np.ndarray] = []
+    total = 0
+    for i in range(len(ds)):
+        item = ds[i]
+        pres = item["mask"].numpy().reshape(len(modalities), -1)
+        idx = np.flatnonzero(pres.any(axis=0))
+        idx = rng.choice(idx, size=min(per_chip, len(idx), max_pixels - total), replace=False)
+        if len(idx) == 0:
+            continue
+        for m in modalities:
+            ts = to_time_series(item[m].numpy(), m, ds.channels[m])
+            xs[m].append(ts.reshape(-1, *ts.shape[2:])[idx])
+        masks.append(pres[:, idx].T)
+        total += len(idx)
+        if total >= max_pixels:
+            break
+    if not masks:
+        raise InputDataError(f"{chips_parquet}: the {'/'.join(PIXEL_SPLITS)} chips hold no pixel with a sensor; nothing to pretrain on")
+    return {m: np.concatenate(v).astype(np.float32) for m, v in xs.items()}, np.concatenate(masks).astype(bool)
+
+
+def sample_pixels(samples_npz: Path, max_pixels: int, seed: int) -> tuple[SampleSet, dict[str, np.ndarray], np.ndarray]:
+    """The samples of a training set (or of one fold of it) outside its test split, at most
+    ``max_pixels`` of them (at random).
+
+    Returns:
+        ``(sample set, {m: [N, T, C] / [N, C]}, mask [N, M])``.
+    """
+    s = read_samples(samples_npz)
+    keep = np.flatnonzero((s.samples.split != SPLITS.index("test")) & s.samples.mask.any(1))
+    if len(keep) == 0:
+        raise InputDataError(f"{samples_npz}: no sample with a sensor outside the test split; nothing to pretrain on")
+    if len(keep) > max_pixels:
+        keep = np.sort(np.random.default_rng(seed).choice(keep, size=max_pixels, replace=False))
+    part = s.samples.subset(keep)
+    return s, part.x, part.mask
+
+
+def pretrain_pixels(x: Mapping[str, np.ndarray], mask: np.ndarray, modalities: Sequence[str], months: Sequence[str],
+                    bands: Mapping[str, Sequence[str]], out: Path, *, hidden: int = 128,
+                    encoders: Mapping[str, str] | None = None, epochs: int = 20, batch_size: int = 256, lr: float = 1e-3,
+                    weight_decay: float = 0.05, month_mask: float = 0.5, modality_mask: float = 0.5, seed: int = 42,
+                    device: str = "auto") -> dict[str, Any]:
+    """Pretrain the per-sensor pixel encoders on unlabelled pixels and write the checkpoint to ``out``.
+
+    Args:
+        x: ``{m: [N, T, C]}`` (static ``[N, C]``) raw values, NaN invalid.
+        mask: bool ``[N, M]`` sensor presence in ``modalities`` order.
+        modalities, months, bands: the sensors, months and bands of the model to fine-tune.
+        out: checkpoint path (written atomically).
+        hidden, encoders: the fine-tuned model's width and encoder names (``model.hidden``,
+            ``model.encoders``).
+        epochs, batch_size, lr, weight_decay: AdamW with a 5 % warm-up and cosine decay.
+        month_mask, modality_mask: masking probabilities of
+            :class:`~cropmap.models.pixel_pretrain.PixelMAE`.
+        seed: seeds initialisation, order and masks.
+        device: ``auto`` (CUDA when present), ``cpu`` or ``cuda``.
+
+    Returns:
+        Summary: samples, epochs, steps, per-epoch mean loss, device, seconds.
+    """
+    from cropmap.loop import warmup_cosine
+    from cropmap.models.pixel_pretrain import PixelMAE
+
+    t0 = time.time()
+    torch.manual_seed(seed)
+    dev = resolve_device(device, "training.device")
+    with warnings.catch_warnings():  # a sensor without any valid value gets mean 0, std 1
+        warnings.simplefilter("ignore", RuntimeWarning)
+        stats = fit_stats({m: np.asarray(x[m]) for m in modalities}, "pixels")
+    with torch.no_grad():
+        data = Normalizer(stats)({m: torch.from_numpy(np.ascontiguousarray(x[m], dtype=np.float32)) for m in modalities})
+    data["mask"] = torch.from_numpy(np.asarray(mask, dtype=bool))
+    n = len(data["mask"])
+    if n < 2:
+        raise InputDataError(f"{out}: {n} pretraining pixel with a sensor; pixel pretraining needs at least 2")
+    model = PixelMAE(modalities, {m: len(bands[m]) for m in modalities}, len(months), hidden, encoders, month_mask,
+                     modality_mask, generator=torch.Generator().manual_seed(seed + 1)).to(dev)
+    bs = max(2, min(batch_size, n))
+    # every pixel once per epoch; a last batch of one pixel is left out (batch norm needs two)
+    batches = [(k, min(k + bs, n)) for k in range(0, n, bs) if min(k + bs, n) - k >= 2]
+    per_epoch = len(batches)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    sched = warmup_cosine(opt, epochs * per_epoch)
+    order = torch.Generator().manual_seed(seed)
+    history: list[float] = []
+    model.train()
+    for epoch in range(epochs):
+        perm = torch.randperm(n, generator=order)
+        total = 0.0
+        for a, b in batches:
+            idx = perm[a:b]
+            terms = model({key: v[idx].to(dev) for key, v in data.items()})
+            opt.zero_grad(set_to_none=True)
+            terms["total"].backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            total += float(terms["total"].detach())
+        history.append(total / per_epoch)
+        log.info("pixel pretrain epoch %d/%d: loss %.4f", epoch + 1, epochs, history[-1])
+    summary: dict[str, Any] = {"kind": "pixel", "n_pixels": n, "epochs": epochs, "steps": epochs * per_epoch,
+                               "loss": history, "device": str(dev), "seconds": round(time.time() - t0, 2)}
+    with atomic_path(out) as tmp:
+        torch.save(model.checkpoint(stats, bands, months, summary), tmp)
+    return summary | {"out": str(out)}
+
+
+def run_pixels(p: Mapping[str, Any], out: Path, *, stack_dir: Path | None = None, labels_tif: Path | None = None,
+               chips_parquet: Path | None = None, samples_npz: Path | None = None) -> dict[str, Any]:
+    """The ``pixel`` kind of the stage: a region's pixels (``stack_dir``, ``labels_tif``,
+    ``chips_parquet``) or a training set's samples (``samples_npz``), then :func:`pretrain_pixels`.
+
+    Args:
+        p: the stage parameters (:func:`cropmap.config.stage_params` ``"pretrain"``, kind ``pixel``).
+        out: checkpoint path.
+    """
+    pt = p["pretrain"]
+    if samples_npz is not None:
+        s, x, mask = sample_pixels(samples_npz, pt["max_pixels"], p["seed"])
+        modalities, months, bands = list(s.samples.modalities), list(s.months), s.bands
+    else:
+        if stack_dir is None or labels_tif is None or chips_parquet is None:
+            raise InputDataError("pixel pretraining of a region needs its stack folder, labels.tif and chips.parquet")
+        modalities, months = list(p["modalities"]), list(p["months"])
+        bands = {m: list(b) for m, b in resolve_bands(p.get("bands")).items() if m in modalities}
+        x, mask = region_pixels(stack_dir, labels_tif, chips_parquet, Grid(**p["grid"]), months, modalities,
+                                max_pixels=pt["max_pixels"], min_valid_fraction=p["min_valid_fraction"], seed=p["seed"],
+                                bands=bands)
+    return pretrain_pixels(x, mask, modalities, months, bands, out, hidden=p["hidden"], encoders=p.get("encoders"),
+                           epochs=pt["epochs"], batch_size=pt["pixel_batch_size"], lr=pt["pixel_lr"],
+                           month_mask=pt["month_mask"], modality_mask=pt["modality_mask"], seed=p["seed"],
+                           device=p["device"])

@@ -57,6 +57,7 @@ from cropmap.loop import (
 )
 from cropmap.modalities import channels_per_step, resolve_bands
 from cropmap.models import build_model
+from cropmap.models.pixel_pretrain import init_module
 from cropmap.normalize import Normalizer, fit_stats
 from cropmap.predict.bundle import save_bundle
 from cropmap.progress import on_terminal
@@ -134,6 +135,8 @@ class TrainSettings:
     augment: dict[str, float] = field(default_factory=dict)
     calibration: Literal["none", "global", "subset"] = "subset"
     blend: Blend = "none"
+    #: pixel methods: checkpoint of the pretrain stage whose encoders fine-tuning starts from
+    pretrained: str | None = None
 
     @classmethod
     def from_config(cls, config: dict, task: Task, months: list[str]) -> TrainSettings:
@@ -156,6 +159,7 @@ class TrainSettings:
             cache_mb=t.get("cache_mb", 2048),
             weight_decay=t["weight_decay"], schedule=t["schedule"], balance=t["balance"], monitor=t["monitor"],
             augment=dict(config["training"]["augment"]), calibration=t["calibration"], blend=t["blend"],
+            pretrained=m.get("pretrain", {}).get("checkpoint"),
         )
 
     def resolved_bands(self) -> dict[str, list[str]]:
@@ -345,6 +349,9 @@ def fit(settings: TrainSettings, train_ds: Dataset, val_ds: Dataset, stats: dict
     prec = precision(settings.precision, acc)
     module = CoLearningModule(settings.model_kwargs(), stats, settings.lr, weights, settings.recipe())
     summary: dict[str, Any] = {"task": settings.task, "method": settings.method, "n_train": n_train, "n_val": n_val}
+    if settings.pretrained:  # encoders (and normalisation) from the pretrain stage
+        summary |= init_module(module, Path(settings.pretrained), settings.resolved_bands())
+        inputs = [*inputs, Path(settings.pretrained)]
     pixels = isinstance(train_ds, PixelDataset) and isinstance(val_ds, PixelDataset)
     if getattr(module.model, "gradient_free", False):
         if not isinstance(train_ds, PixelDataset):

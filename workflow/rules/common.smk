@@ -1,6 +1,7 @@
 # Helpers and input functions shared by the rule files.
 import os
 import sys
+from types import SimpleNamespace
 
 # Jobs run `python -m cropmap`: make the package importable from this checkout in any
 # environment that has its dependencies (a venv, or the conda env of envs/cropmap.yaml).
@@ -132,9 +133,25 @@ def fold_data(wc):
     return data
 
 
-def pretrained_input(method, region):
-    """The pretrain checkpoint a training job needs (none unless imt with model.pretrain.enabled)."""
-    return [pretrain_path(config, region)] if uses_pretraining(config, method) else []
+def pretrained_input(method, region, task, fold=None):
+    """The pretrain checkpoint a training job needs (none unless model.pretrain.enabled and the
+    method is imt or a pixel method; a comparison fold's own with compare.folds > 1)."""
+    if not uses_pretraining(config, method, task):
+        return []
+    return [pretrain_path(config, region, method, task, fold)]
+
+
+def pretrain_kind_of(wc):
+    """The kind of the pretrain job: imt or pixel (the checkpoint's name)."""
+    return wc.ckpt.rsplit("/", 1)[-1]
+
+
+def pretrain_data(wc):
+    """The inputs of the pretrain rule: the imt encoder reads a region's stacks, labels and chips;
+    the pixel encoders a region's or training set's data, or one comparison fold's."""
+    if wc.ckpt.startswith("fold"):
+        return fold_data(SimpleNamespace(region=wc.region, fold=wc.ckpt[len("fold") :].split("/")[0]))
+    return training_data(wc)
 
 
 def report_files(region):

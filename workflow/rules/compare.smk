@@ -23,12 +23,12 @@ rule fold:
 use rule train as train_compare with:
     input:
         unpack(fold_data),
-        pretrained=lambda wc: pretrained_input(wc.method, wc.region),
+        pretrained=lambda wc: pretrained_input(wc.method, wc.region, wc.task, wc.fold),
     output:
         ckpt=f"{MODELS}/{{region}}/compare/fold{{fold}}/{{method}}/{{task}}/model.ckpt",
         summary=f"{MODELS}/{{region}}/compare/fold{{fold}}/{{method}}/{{task}}/train_summary.json",
     params:
-        p=lambda wc: dumps(stage_params(config, "train", wc.region, method=wc.method)),
+        p=lambda wc: dumps(stage_params(config, "train", wc.region, method=wc.method, fold=wc.fold)),
         work=f"{MODELS}/{{region}}/compare/fold{{fold}}/{{method}}/{{task}}/lightning",
     log:
         f"logs/{{region}}/compare/fold{{fold}}/train_{{method}}_{{task}}.log",

@@ -1,15 +1,19 @@
 rule pretrain:
-    """Self-supervised MultiMAE pretraining of the imt encoder on the region's stacks (no labels used)."""
+    """Self-supervised pretraining without labels (cropmap.pretrain): imt.ckpt, the imt chip encoder
+    on the region's stacks; pixel.ckpt, the pixel methods' sensor encoders on a region's or
+    training set's pixels outside the test split; fold<k>/pixel.ckpt, the same on one
+    comparison fold's split (compare.folds > 1)."""
     input:
-        stack=rules.stack.output,
-        labels=rules.labels.output.tif,
-        chips=rules.chips.output,
+        unpack(pretrain_data),
     output:
-        f"{MODELS}/{{region}}/pretrain/imt.ckpt",
+        f"{MODELS}/{{region}}/pretrain/{{ckpt}}.ckpt",
+    wildcard_constraints:
+        ckpt="imt|pixel|fold[0-9]+/pixel",
     params:
-        p=params_json("pretrain"),
+        p=lambda wc: dumps(stage_params(config, "pretrain", wc.region, method=pretrain_kind_of(wc))),
+        kind=pretrain_kind_of,
     log:
-        f"logs/{{region}}/pretrain.log",
+        f"logs/{{region}}/pretrain_{{ckpt}}.log",
     conda:
         CONDA_ENV
     threads: workflow.cores
@@ -18,15 +22,15 @@ rule pretrain:
         runtime=240,
         gpu=min(1, gpus(config["training"])),  # pretraining uses one device
     shell:
-        "CROPMAP_THREADS={threads} python -m cropmap pretrain --params {params.p:q} --stack-dir {input.stack:q}"
-        " --labels {input.labels:q} --chips {input.chips:q} --out {output:q} --log {log:q}"
+        "CROPMAP_THREADS={threads} python -m cropmap pretrain --params {params.p:q} --kind {params.kind:q}"
+        " --inputs {input:q} --out {output:q} --log {log:q}"
 
 
 rule train:
     """Train a co-learning model of a region or training set (GPU with bf16 autocast when present)."""
     input:
         unpack(training_data),
-        pretrained=lambda wc: pretrained_input(config["model"]["method"], wc.region),
+        pretrained=lambda wc: pretrained_input(config["model"]["method"], wc.region, wc.task),
     output:
         ckpt=f"{MODELS}/{{region}}/{{task}}/model.ckpt",
         summary=f"{MODELS}/{{region}}/{{task}}/train_summary.json",

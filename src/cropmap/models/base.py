@@ -70,6 +70,9 @@ class CoLearningModel(nn.Module, abc.ABC):
     #: Set by :func:`~cropmap.models.registry.register_method`.
     method: ClassVar[str] = ""
     tasks: ClassVar[tuple[Task, ...]] = TASKS
+    #: Whether the method encodes each sensor with its own encoder (what pixel pretraining
+    #: initialises, :mod:`cropmap.models.pixel_pretrain`).
+    sensor_encoders: ClassVar[bool] = True
 
     def __init__(
         self,

@@ -116,6 +116,7 @@ class InputFusion(CoLearningModel):
     has no per-modality prediction.
     """
 
+    sensor_encoders = False  # one encoder over the stacked sensors
 
     def __init__(self, **kw: Any):
         super().__init__(**kw)
