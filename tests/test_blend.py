@@ -11,11 +11,13 @@ import torch
 
 from cropmap.blend import GRID, Blended, best_weight, fit_weights, pooled
 from cropmap.calibration import Calibrated
+from cropmap.config import stage_params, validate
 from cropmap.errors import InputDataError
 from cropmap.metrics import evaluate_samples
 from cropmap.predict import Predictor
 from cropmap.predict.bundle import load_bundle
-from cropmap.train import fit_pixels
+from cropmap.train import TrainSettings, fit_pixels
+from tests.conftest import tiny_config
 from tests.test_quality_methods import MODS, samples, settings
 
 
@@ -79,3 +81,24 @@ def test_blend_trains_stores_checksums_and_ignores_missing_sensors(tmp_path: Pat
     torch.save(b, ckpt)
     with pytest.raises(InputDataError, match="checksum"):
         load_bundle(ckpt)
+
+
+def test_blends_of_one_comparison_fold_fit_their_trees_once(tmp_path: Path) -> None:
+    cfg = validate(tiny_config(tmp_path) | {"compare": {"folds": 3}})
+    p = stage_params(cfg, "train", "tiny", method="fullco", fold="2")
+    want = f"{cfg['models_dir']}/tiny/compare/fold2/trees_cache"
+    assert TrainSettings.from_config(p, "classification", p["months"]).trees_cache == want
+    assert "trees_cache" not in stage_params(cfg, "train", "tiny")  # the map's model: nothing to share
+    train, val, test = samples(300, 0, 0), samples(120, 1, 1), samples(90, 2, 2)
+    cache = tmp_path / "cache"
+    fit_pixels(settings("comiss", blend="trees_dedicated", trees_cache=str(cache)), train, val,
+               tmp_path / "a" / "model.ckpt", tmp_path / "a" / "work")
+    (path,) = cache.iterdir()
+    stamp = path.stat().st_mtime_ns
+    fit_pixels(settings("fullco", blend="trees_dedicated", epochs=1, trees_cache=str(cache)), train, val,
+               tmp_path / "b" / "model.ckpt", tmp_path / "b" / "work")
+    assert list(cache.iterdir()) == [path] and path.stat().st_mtime_ns == stamp  # reused, not refitted
+    (a, norm, _), (b, _, _) = load_bundle(tmp_path / "a" / "model.ckpt"), load_bundle(tmp_path / "b" / "model.ckpt")
+    batch = norm({m: torch.from_numpy(test.x[m]) for m in MODS}) | {"mask": torch.from_numpy(test.mask)}
+    with torch.no_grad():
+        torch.testing.assert_close(a.model.trees(batch)["logits"], b.model.trees(batch)["logits"], rtol=0, atol=0)

@@ -434,6 +434,8 @@ def _train_params(config: dict, base: dict[str, Any], method: str | None, region
         if config["compare"]["epochs"]:
             p["training"]["epochs"] = config["compare"]["epochs"]
             p["training"].setdefault("segmentation", {})["epochs"] = config["compare"]["epochs"]
+        if fold is not None:  # trees fitted once per fold (trees_dedicated and every blend)
+            p["trees_cache"] = f"{config['models_dir']}/{region}/compare/fold{fold}/trees_cache"
     name = p["model"]["method"]
     # the task trained: a training set's pixels, a comparison's compare.task, else model.task
     task = "classification" if region in config["training_sets"] else compare_task(config) if method else p["model"]["task"]

@@ -137,6 +137,8 @@ class TrainSettings:
     blend: Blend = "none"
     #: pixel methods: checkpoint of the pretrain stage whose encoders fine-tuning starts from
     pretrained: str | None = None
+    #: folder of fitted trees shared by the runs of one comparison fold (:func:`fit_trees`)
+    trees_cache: str | None = None
 
     @classmethod
     def from_config(cls, config: dict, task: Task, months: list[str]) -> TrainSettings:
@@ -159,7 +161,7 @@ class TrainSettings:
             cache_mb=t.get("cache_mb", 2048),
             weight_decay=t["weight_decay"], schedule=t["schedule"], balance=t["balance"], monitor=t["monitor"],
             augment=dict(config["training"]["augment"]), calibration=t["calibration"], blend=t["blend"],
-            pretrained=m.get("pretrain", {}).get("checkpoint"),
+            pretrained=m.get("pretrain", {}).get("checkpoint"), trees_cache=config.get("trees_cache"),
         )
 
     def resolved_bands(self) -> dict[str, list[str]]:
@@ -356,7 +358,7 @@ def fit(settings: TrainSettings, train_ds: Dataset, val_ds: Dataset, stats: dict
     if getattr(module.model, "gradient_free", False):
         if not isinstance(train_ds, PixelDataset):
             raise LabelError(f"method {settings.method} classifies pixel time series; set model.task: classification")
-        summary |= fit_trees(module.model, module.norm, train_ds)
+        summary |= fit_trees(module.model, module.norm, train_ds, settings.trees_cache)
         summary |= {"epochs": 0, "accelerator": "cpu", "precision": "32-true", "resumed": False, "world_size": 1,
                     "strategy": settings.strategy, "history": []}
         rank, world = 0, 1
@@ -389,12 +391,14 @@ def fit(settings: TrainSettings, train_ds: Dataset, val_ds: Dataset, stats: dict
     return summary
 
 
-def fit_trees(model: torch.nn.Module, norm: Normalizer, train_ds: PixelDataset) -> dict[str, Any]:
-    """Fit a gradient-free model (:mod:`cropmap.models.trees`) on the normalised training pixels."""
+def fit_trees(model: torch.nn.Module, norm: Normalizer, train_ds: PixelDataset,
+              cache_dir: str | None = None) -> dict[str, Any]:
+    """Fit a gradient-free model (:mod:`cropmap.models.trees`) on the normalised training pixels
+    (reusing an identical fit from ``cache_dir``, :meth:`~cropmap.models.trees.TreesDedicated.fit_cached`)."""
     batch = normalised_batches(norm, train_ds, size=max(1, len(train_ds)))[0]
-    fit_samples: Callable[..., dict[str, Any]] = model.fit_samples  # type: ignore[assignment]
-    return fit_samples({m: batch[m].numpy() for m in model.modalities if m in batch},  # type: ignore[union-attr]
-                       batch["mask"].numpy(), batch["y"].numpy())
+    fit_cached: Callable[..., dict[str, Any]] = model.fit_cached  # type: ignore[assignment]
+    return fit_cached({m: batch[m].numpy() for m in model.modalities if m in batch},  # type: ignore[union-attr]
+                      batch["mask"].numpy(), batch["y"].numpy(), cache_dir)
 
 
 def blend_trees(settings: TrainSettings, module: CoLearningModule, train_ds: PixelDataset, val_ds: PixelDataset) -> Blended:
@@ -404,7 +408,7 @@ def blend_trees(settings: TrainSettings, module: CoLearningModule, train_ds: Pix
 
     trees = build_model(**trees_kwargs(settings.model_kwargs()))
     assert isinstance(trees, TreesDedicated)
-    fitted = fit_trees(trees, module.norm, train_ds)
+    fitted = fit_trees(trees, module.norm, train_ds, settings.trees_cache)
     val = normalised_batches(module.norm, val_ds)
     with torch.no_grad():
         weights = fit_weights(subset_logits(module.model, val, settings.modalities),

@@ -123,3 +123,30 @@ def test_state_round_trip(build_fn) -> None:
     other.load_state_dict(model.state_dict())
     b = make_batch("classification", b=6, seed=4)
     assert torch.equal(other(b)["logits"], model(b)["logits"])
+
+
+def test_fit_cached_reuses_only_an_identical_fit(build_fn, tmp_path, caplog) -> None:
+    model = build_fn("trees_dedicated", "classification")  # fitted by the conftest, no cache
+    fit = make_batch("classification", b=80, seed=3, separable=True)
+    x, mask, y = {m: fit[m].numpy() for m in MODS}, fit["mask"].numpy(), fit["y"].numpy()
+    test = make_batch("classification", b=20, seed=4, separable=True)
+    assert model.fit_cached(x, mask, y, tmp_path)["trees_cache"] == "miss"
+    (path,) = tmp_path.iterdir()
+    want, stamp = model(test)["logits"], path.stat().st_mtime_ns
+    other = build_fn("trees_dedicated", "classification")  # fitted on other pixels
+    assert not torch.equal(other(test)["logits"], want)
+    assert other.fit_cached(x, mask, y, tmp_path)["trees_cache"] == "hit"
+    assert torch.equal(other(test)["logits"], want) and path.stat().st_mtime_ns == stamp
+    # one changed label, other hyper-parameters, or the other tree method: a new fit, a new file
+    y2 = y.copy()
+    y2[0] = (y2[0] + 1) % K
+    assert other.fit_cached(x, mask, y2, tmp_path)["trees_cache"] == "miss"
+    assert build_fn("trees_dedicated", "classification", max_iter=5).fit_cached(x, mask, y, tmp_path)["trees_cache"] == "miss"
+    assert build_fn("trees_nan", "classification").fit_cached(x, mask, y, tmp_path)["trees_cache"] == "miss"
+    assert len(list(tmp_path.glob("*.pkl"))) == 4 and not list(tmp_path.glob(".*"))  # no temporary file left
+    # an unreadable file is refitted and replaced, with a warning
+    path.write_bytes(b"truncated")
+    with caplog.at_level("WARNING", logger="cropmap.models.trees"):
+        assert other.fit_cached(x, mask, y, tmp_path)["trees_cache"] == "miss"
+    assert "unreadable" in caplog.text and torch.equal(other(test)["logits"], want)
+    assert other.fit_cached(x, mask, y, tmp_path)["trees_cache"] == "hit"

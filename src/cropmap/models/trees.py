@@ -26,10 +26,12 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import hashlib
 import itertools
 import logging
 import pickle
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -189,6 +191,52 @@ class _Trees(CoLearningModel):
         if not self.models:
             raise ValueError(f"{self.method}: no subset has training samples of two classes or more")
         return {"fitted_subsets": sizes}
+
+    def fit_cached(self, x: Mapping[str, np.ndarray], mask: np.ndarray, y: np.ndarray,
+                   cache_dir: str | Path | None = None) -> dict[str, Any]:
+        """:meth:`fit_samples`, reusing an identical earlier fit found in ``cache_dir``.
+
+        The cache is content-addressed: a fit is reused only when the method, its
+        hyper-parameters, the input layout, scikit-learn's version and every training value are
+        the same (the SHA-256 of them names the file). The folds of ``snakemake compare`` fit
+        the same trees for ``trees_dedicated`` and for every network blended with it
+        (``training.blend``); this fits them once per fold. Files are written atomically, so
+        parallel jobs at worst fit the same trees twice; an unreadable file is refitted.
+
+        Args:
+            x, mask, y: as :meth:`fit_samples`.
+            cache_dir: folder of fitted trees; None fits without a cache.
+
+        Returns:
+            :meth:`fit_samples`' summary, with ``trees_cache: "hit" | "miss"`` when a cache is used.
+        """
+        if cache_dir is None:
+            return self.fit_samples(x, mask, y)
+        import sklearn
+
+        h = hashlib.sha256(repr((self.method, sorted(self.hgb_params.items()), list(self.modalities),
+                                 sorted(self.in_channels.items()), self.n_steps, self.n_classes,
+                                 sklearn.__version__)).encode())
+        for a in [*(x[m] for m in sorted(x)), mask, y]:
+            a = np.ascontiguousarray(a)
+            h.update(repr((a.dtype.str, a.shape)).encode())
+            h.update(a.tobytes())
+        path = Path(cache_dir) / f"{self.method}-{h.hexdigest()[:32]}.pkl"
+        if path.exists():
+            try:
+                with path.open("rb") as f:
+                    cached = pickle.load(f)
+                self.set_extra_state(cached["state"])
+                log.info("%s: reused the trees fitted on the same pixels (%s)", self.method, path)
+                return dict(cached["summary"]) | {"trees_cache": "hit"}
+            except (OSError, EOFError, KeyError, pickle.UnpicklingError) as e:
+                log.warning("%s: refitting, the cached trees %s are unreadable (%s)", self.method, path, e)
+        summary = self.fit_samples(x, mask, y)
+        from cropmap.io import atomic_path
+
+        with atomic_path(path) as tmp, tmp.open("wb") as f:
+            pickle.dump({"state": {"models": self.models, "hgb_params": self.hgb_params}, "summary": summary}, f)
+        return summary | {"trees_cache": "miss"}
 
     def _name(self, code: int) -> str:
         return "+".join(m for i, m in enumerate(self.modalities) if code >> i & 1)
