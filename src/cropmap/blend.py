@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from cropmap.calibration import MIN_SUBSET_SAMPLES, fit_temperature, nll, subset_codes
+from cropmap.calibration import MIN_SUBSET_SAMPLES, Wrapper, fit_temperature, nll, subset_codes
 
 Blend = Literal["none", "trees_dedicated"]
 #: Candidate network weights ``w``.
@@ -97,7 +97,7 @@ def fit_weights(net: Mapping[int, tuple[np.ndarray, np.ndarray]], trees: Mapping
     return weights
 
 
-class Blended(nn.Module):
+class Blended(Wrapper):
     """A pixel model whose logits are pooled with a tree model's, with one weight per sensor subset.
 
     Args:
@@ -122,10 +122,3 @@ class Blended(nn.Module):
         w = self.blend_weights.to(logits.device)[subset_codes(out["avail"])].view(-1, 1)
         out["logits"] = w * torch.log_softmax(logits.float(), 1) + (1 - w) * tree_logp
         return out
-
-    def __getattr__(self, name: str) -> Any:
-        """The network's attributes (``modalities``, ``task``, ``n_classes`` ...)."""
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(super().__getattr__("model"), name)

@@ -96,7 +96,20 @@ def subset_codes(avail: Tensor) -> Tensor:
     return (avail.long() * w).sum(1)
 
 
-class Calibrated(nn.Module):
+class Wrapper(nn.Module):
+    """A module around ``self.model`` whose attributes (``modalities``, ``task``, ``n_classes``
+    ...) show through, so that a wrapped model is used like the model itself."""
+
+    model: nn.Module
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("model"), name)
+
+
+class Calibrated(Wrapper):
     """A model whose fused logits are divided by the temperature of each sample's sensor subset.
 
     Args:
@@ -121,12 +134,6 @@ class Calibrated(nn.Module):
         out["logits"] = out["logits"] / t.to(out["logits"].dtype)
         return out
 
-    def __getattr__(self, name: str) -> Any:
-        """The wrapped model's attributes (``modalities``, ``task``, ``n_classes`` ...)."""
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(super().__getattr__("model"), name)
 
 
 @torch.no_grad()
