@@ -76,9 +76,10 @@ class CoLearningModule(L.LightningModule):
         self.weight_decay = float(r.get("weight_decay", 0.0))
         self.schedule = str(r.get("schedule", "none"))
         self.augment = Augment(AugmentSettings.from_dict(r.get("augment")), self.model.modalities)
-        #: whether validation scores every sensor subset (``val_f1``, ``val_f1_full``): every pixel
-        #: model, whatever ``monitor`` is, so recipes can be compared on validation folds
-        self.subset_f1 = not self.model.spatial
+        #: whether validation scores every sensor subset each epoch (``val_f1``, ``val_f1_full``);
+        #: the final model's scores (``final_val_f1``, what recipes are compared on) come from
+        #: the calibration pass whatever ``monitor`` is
+        self.subset_f1 = r.get("monitor") == "val_f1" and not self.model.spatial
         #: every ``val_stride``-th validation sample is scored on every sensor subset
         self.val_stride = 1
         self._val: dict[int, list[tuple[Tensor, Tensor]]] = {}

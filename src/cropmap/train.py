@@ -394,11 +394,12 @@ def fit(settings: TrainSettings, train_ds: Dataset, val_ds: Dataset, stats: dict
 def fit_trees(model: torch.nn.Module, norm: Normalizer, train_ds: PixelDataset,
               cache_dir: str | None = None) -> dict[str, Any]:
     """Fit a gradient-free model (:mod:`cropmap.models.trees`) on the normalised training pixels
-    (reusing an identical fit from ``cache_dir``, :meth:`~cropmap.models.trees.TreesDedicated.fit_cached`)."""
+    (reusing an identical fit from ``cache_dir``, :meth:`~cropmap.models.trees.TreesDedicated.fit_cached`),
+    one classifier per torch thread at a time."""
     batch = normalised_batches(norm, train_ds, size=max(1, len(train_ds)))[0]
     fit_cached: Callable[..., dict[str, Any]] = model.fit_cached  # type: ignore[assignment]
     return fit_cached({m: batch[m].numpy() for m in model.modalities if m in batch},  # type: ignore[union-attr]
-                      batch["mask"].numpy(), batch["y"].numpy(), cache_dir)
+                      batch["mask"].numpy(), batch["y"].numpy(), cache_dir, torch.get_num_threads())
 
 
 def blend_trees(settings: TrainSettings, module: CoLearningModule, train_ds: PixelDataset, val_ds: PixelDataset) -> Blended:

@@ -150,3 +150,13 @@ def test_fit_cached_reuses_only_an_identical_fit(build_fn, tmp_path, caplog) -> 
         assert other.fit_cached(x, mask, y, tmp_path)["trees_cache"] == "miss"
     assert "unreadable" in caplog.text and torch.equal(other(test)["logits"], want)
     assert other.fit_cached(x, mask, y, tmp_path)["trees_cache"] == "hit"
+
+
+def test_parallel_fits_equal_serial_fits(build_fn) -> None:
+    fit = make_batch("classification", b=80, seed=3, separable=True)
+    x, mask, y = {m: fit[m].numpy() for m in MODS}, fit["mask"].numpy(), fit["y"].numpy()
+    test = make_batch("classification", b=20, seed=4, separable=True)
+    serial, parallel = build_fn("trees_dedicated", "classification"), build_fn("trees_dedicated", "classification")
+    assert serial.fit_samples(x, mask, y, workers=1) == parallel.fit_samples(x, mask, y, workers=3)
+    assert sorted(serial.models) == sorted(parallel.models)
+    assert torch.equal(serial(test)["logits"], parallel(test)["logits"])

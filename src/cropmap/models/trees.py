@@ -166,34 +166,41 @@ class _Trees(CoLearningModel):
     def _training_rows(self, avail: np.ndarray, code: int) -> np.ndarray:
         """bool ``[N]``: the training samples of the classifier of ``code``."""
 
-    def fit_samples(self, x: Mapping[str, np.ndarray], mask: np.ndarray, y: np.ndarray) -> dict[str, Any]:
+    def fit_samples(self, x: Mapping[str, np.ndarray], mask: np.ndarray, y: np.ndarray,
+                    workers: int = 1) -> dict[str, Any]:
         """Fit the classifiers on normalised samples.
 
         Args:
             x: ``{m: [N, T, C]}`` (static ``[N, C]``), normalised, NaN where invalid.
             mask: bool ``[N, M]`` presence in :attr:`modalities` order.
             y: int ``[N]`` class ids (``< 0`` ignored).
+            workers: classifiers fitted at once, each in its own thread with :attr:`threads`
+                OpenMP threads (the fits release the GIL); the result does not depend on it.
 
         Returns:
             Summary: samples per fitted subset.
         """
+        from concurrent.futures import ThreadPoolExecutor
+
         keep = np.asarray(y) >= 0
         batch = {m: np.asarray(v)[keep] for m, v in x.items()} | {"mask": np.asarray(mask)[keep]}
         feats, avail, _ = self._inputs(batch)
         y = np.asarray(y)[keep]
-        self.models, sizes = {}, {}
-        for code in self._codes():
-            rows = self._training_rows(avail, code)
-            clf = self._fit_one(self._design(feats, code)[rows], y[rows])
-            if clf is not None:
-                self.models[code] = clf
-                sizes[self._name(code)] = int(rows.sum())
+        rows = {code: self._training_rows(avail, code) for code in self._codes()}
+
+        def fit(code: int) -> Any | None:
+            return self._fit_one(self._design(feats, code)[rows[code]], y[rows[code]])
+
+        with ThreadPoolExecutor(max(1, workers)) as pool:
+            fitted = dict(zip(rows, pool.map(fit, rows), strict=True))
+        self.models = {code: clf for code, clf in fitted.items() if clf is not None}
+        sizes = {self._name(code): int(rows[code].sum()) for code in self.models}
         if not self.models:
             raise ValueError(f"{self.method}: no subset has training samples of two classes or more")
         return {"fitted_subsets": sizes}
 
     def fit_cached(self, x: Mapping[str, np.ndarray], mask: np.ndarray, y: np.ndarray,
-                   cache_dir: str | Path | None = None) -> dict[str, Any]:
+                   cache_dir: str | Path | None = None, workers: int = 1) -> dict[str, Any]:
         """:meth:`fit_samples`, reusing an identical earlier fit found in ``cache_dir``.
 
         The cache is content-addressed: a fit is reused only when the method, its
@@ -204,14 +211,14 @@ class _Trees(CoLearningModel):
         parallel jobs at worst fit the same trees twice; an unreadable file is refitted.
 
         Args:
-            x, mask, y: as :meth:`fit_samples`.
+            x, mask, y, workers: as :meth:`fit_samples`.
             cache_dir: folder of fitted trees; None fits without a cache.
 
         Returns:
             :meth:`fit_samples`' summary, with ``trees_cache: "hit" | "miss"`` when a cache is used.
         """
         if cache_dir is None:
-            return self.fit_samples(x, mask, y)
+            return self.fit_samples(x, mask, y, workers)
         import sklearn
 
         h = hashlib.sha256(repr((self.method, sorted(self.hgb_params.items()), list(self.modalities),
@@ -231,7 +238,7 @@ class _Trees(CoLearningModel):
                 return dict(cached["summary"]) | {"trees_cache": "hit"}
             except (OSError, EOFError, KeyError, pickle.UnpicklingError) as e:
                 log.warning("%s: refitting, the cached trees %s are unreadable (%s)", self.method, path, e)
-        summary = self.fit_samples(x, mask, y)
+        summary = self.fit_samples(x, mask, y, workers)
         from cropmap.io import atomic_path
 
         with atomic_path(path) as tmp, tmp.open("wb") as f:
