@@ -135,6 +135,8 @@ class TrainSettings:
     augment: dict[str, float] = field(default_factory=dict)
     calibration: Literal["none", "global", "subset"] = "subset"
     blend: Blend = "none"
+    #: most training pixels the blend's trees are fitted on (a seeded random subset)
+    blend_pixels: int = 4000
     #: pixel methods: checkpoint of the pretrain stage whose encoders fine-tuning starts from
     pretrained: str | None = None
     #: folder of fitted trees shared by the runs of one comparison fold (:func:`fit_trees`)
@@ -161,6 +163,7 @@ class TrainSettings:
             cache_mb=t.get("cache_mb", 2048),
             weight_decay=t["weight_decay"], schedule=t["schedule"], balance=t["balance"], monitor=t["monitor"],
             augment=dict(config["training"]["augment"]), calibration=t["calibration"], blend=t["blend"],
+            blend_pixels=t["blend_pixels"],
             pretrained=m.get("pretrain", {}).get("checkpoint"), trees_cache=config.get("trees_cache"),
         )
 
@@ -392,11 +395,17 @@ def fit(settings: TrainSettings, train_ds: Dataset, val_ds: Dataset, stats: dict
 
 
 def fit_trees(model: torch.nn.Module, norm: Normalizer, train_ds: PixelDataset,
-              cache_dir: str | None = None) -> dict[str, Any]:
+              cache_dir: str | None = None, max_pixels: int | None = None, seed: int = 0) -> dict[str, Any]:
     """Fit a gradient-free model (:mod:`cropmap.models.trees`) on the normalised training pixels
     (reusing an identical fit from ``cache_dir``, :meth:`~cropmap.models.trees.TreesDedicated.fit_cached`),
-    one classifier per torch thread at a time."""
+    one classifier per torch thread at a time; on at most ``max_pixels`` of them (a random
+    subset drawn with ``seed``) when given."""
     batch = normalised_batches(norm, train_ds, size=max(1, len(train_ds)))[0]
+    n = len(batch["y"])
+    if max_pixels is not None and n > max_pixels:
+        rows = torch.from_numpy(np.sort(np.random.default_rng(seed).choice(n, max_pixels, replace=False)))
+        batch = {k: v[rows] if isinstance(v, Tensor) and len(v) == n else v for k, v in batch.items()}
+        log.info("trees fitted on %d of %d training pixels (training.blend_pixels)", max_pixels, n)
     fit_cached: Callable[..., dict[str, Any]] = model.fit_cached  # type: ignore[assignment]
     return fit_cached({m: batch[m].numpy() for m in model.modalities if m in batch},  # type: ignore[union-attr]
                       batch["mask"].numpy(), batch["y"].numpy(), cache_dir, torch.get_num_threads())
@@ -409,7 +418,7 @@ def blend_trees(settings: TrainSettings, module: CoLearningModule, train_ds: Pix
 
     trees = build_model(**trees_kwargs(settings.model_kwargs()))
     assert isinstance(trees, TreesDedicated)
-    fitted = fit_trees(trees, module.norm, train_ds, settings.trees_cache)
+    fitted = fit_trees(trees, module.norm, train_ds, settings.trees_cache, settings.blend_pixels, settings.seed)
     val = normalised_batches(module.norm, val_ds)
     with torch.no_grad():
         weights = fit_weights(subset_logits(module.model, val, settings.modalities),
