@@ -35,7 +35,8 @@ def tiny_config(root: Path, **overrides: object) -> dict:
     cfg["split"] = {"block_size": 32}
     cfg["chips"] = {"size": 16}
     cfg["model"] = {"task": "classification", "method": "comiss", "hidden": 16}
-    cfg["training"] = {"epochs": 2, "batch_size": 128, "pixels_per_class": 150, "patience": 2,
+    # blend: none keeps workflow tests fast (15 tree fits per pixel model); tests/test_blend.py tests the blend
+    cfg["training"] = {"epochs": 2, "batch_size": 128, "pixels_per_class": 150, "patience": 2, "blend": "none",
                        "segmentation": {"epochs": 2, "patience": 2}}
     cfg["prediction"] = {"tile_size": 64, "batch_size": 4096}
     cfg["evaluation"] = {"max_pixels_per_class": 100}

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from cropmap.blend import GRID, Blended, best_weight, fit_weights, pooled
+from cropmap.blend import GRID, Blended, best_weight, fit_weights, pooled, trees_kwargs
 from cropmap.calibration import Calibrated
 from cropmap.config import stage_params, validate
 from cropmap.errors import InputDataError
@@ -102,3 +102,21 @@ def test_blends_of_one_comparison_fold_fit_their_trees_once(tmp_path: Path) -> N
     batch = norm({m: torch.from_numpy(test.x[m]) for m in MODS}) | {"mask": torch.from_numpy(test.mask)}
     with torch.no_grad():
         torch.testing.assert_close(a.model.trees(batch)["logits"], b.model.trees(batch)["logits"], rtol=0, atol=0)
+
+
+def test_blend_trees_fit_on_at_most_blend_pixels(tmp_path: Path) -> None:
+    from cropmap.loop import PixelDataset
+    from cropmap.models import build_model
+    from cropmap.normalize import Normalizer, fit_stats
+    from cropmap.train import fit_trees
+
+    train = samples(300, 0, 0)
+    norm = Normalizer(fit_stats(train.x, "pixels"))
+    kw = settings("comiss").model_kwargs()
+    sizes = {}
+    for cap in (None, 120, 1000):
+        trees = build_model(**trees_kwargs(kw))
+        sizes[cap] = fit_trees(trees, norm, PixelDataset(train), max_pixels=cap, seed=1)["fitted_subsets"]
+    full = "+".join(MODS)
+    assert sizes[None] == sizes[1000] and sizes[None]["s2"] > 120  # fewer pixels than the cap: all of them
+    assert sizes[120]["s2"] <= 120 and 0 < sizes[120][full] < sizes[None][full]

@@ -49,7 +49,7 @@ def own_config(wd: Path) -> dict:
     cfg["regions"] = {"mol": {"source": "files", "season": {"start": "2023-04", "end": "2023-04"}, "model_from": "fields",
                               "files": {"s2": str(wd / "cubes/gfmap_mol_s2_l2a.nc"), "s1": str(wd / "cubes/gfmap_mol_s1_grd.nc")}}}
     cfg["compare"] = {"epochs": 1, "methods": ["comiss", "input_fusion"]}
-    cfg["training"] = {"epochs": 2, "batch_size": 32, "patience": 2}
+    cfg["training"] = {"epochs": 2, "batch_size": 32, "patience": 2, "blend": "none"}
     return cfg
 
 
