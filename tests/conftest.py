@@ -40,7 +40,9 @@ def tiny_config(root: Path, **overrides: object) -> dict:
                        "segmentation": {"epochs": 2, "patience": 2}}
     cfg["prediction"] = {"tile_size": 64, "batch_size": 4096}
     cfg["evaluation"] = {"max_pixels_per_class": 100}
-    cfg["compare"] = {"epochs": 1, "regions": ["tiny"]}
+    # a few cheap trees: scikit-learn's 100 rounds x 7 classes x 255 bins take ~20 s per sensor subset
+    cheap = {"max_iter": 10, "max_bins": 15}
+    cfg["compare"] = {"epochs": 1, "regions": ["tiny"], "options": {"trees_dedicated": cheap, "trees_nan": cheap}}
     for k, v in overrides.items():
         cfg[k] = v
     return cfg

@@ -37,6 +37,11 @@ def test_best_weight_picks_the_informative_part_and_fit_weights_falls_back_to_th
     assert best_weight(good, noise, y) == 1.0
     assert best_weight(noise, good, y) == 0.0
     assert set(GRID) == {round(0.1 * i, 1) for i in range(11)}
+    # large validation sets: the weight is chosen on a fixed random subset of max_samples rows
+    big = [np.tile(a, (30,) + (1,) * (a.ndim - 1)) for a in (good, noise, y)]
+    rows = np.sort(np.random.default_rng(0).choice(len(big[2]), 500, replace=False))
+    assert best_weight(*big, max_samples=500) == best_weight(*(a[rows] for a in big)) == 1.0
+    assert best_weight(big[1], big[0], big[2], max_samples=500) == 0.0
     # codes 1 (s2): network is right; 2 (s1): trees are right; 3: too few samples for its own weight
     net = {1: (good, y), 2: (noise, y), 3: (good[:10], y[:10])}
     trees = {1: (noise, y), 2: (good, y), 3: (noise[:10], y[:10])}
@@ -120,3 +125,65 @@ def test_blend_trees_fit_on_at_most_blend_pixels(tmp_path: Path) -> None:
     full = "+".join(MODS)
     assert sizes[None] == sizes[1000] and sizes[None]["s2"] > 120  # fewer pixels than the cap: all of them
     assert sizes[120]["s2"] <= 120 and 0 < sizes[120][full] < sizes[None][full]
+
+
+def test_blended_asks_the_trees_only_for_subsets_that_use_them() -> None:
+    from cropmap.models import build_model
+
+    kw = settings("comiss").model_kwargs()
+    net = build_model(**kw).eval()
+    trees = build_model(**trees_kwargs(kw))
+    test = samples(120, 2, 2)
+    trees.fit_samples(test.x, test.mask, test.y)
+    seen: list[int] = []
+    forward = trees.forward
+    trees.forward = lambda b: seen.append(len(b["mask"])) or forward(b)  # type: ignore[method-assign]
+    batch = {m: torch.from_numpy(test.x[m]) for m in MODS} | {"mask": torch.from_numpy(test.mask)}
+    codes = (batch["mask"].long() * 2 ** torch.arange(len(MODS))).sum(1)
+    weights = torch.ones(16)
+    weights[15] = 0.3  # only the rows with every sensor pool the trees
+    with torch.no_grad():
+        out = Blended(net, trees, weights)(batch)["logits"]
+        want = 0.3 * torch.log_softmax(net(batch)["logits"], 1) + 0.7 * forward(batch)["logits"]
+    full = codes == 15
+    assert 0 < full.sum() < len(codes) and seen[0] == int(full.sum())
+    torch.testing.assert_close(out[full], want[full])
+    torch.testing.assert_close(out[~full], torch.log_softmax(net(batch)["logits"], 1)[~full])
+    seen.clear()
+    with torch.no_grad():
+        Blended(net, trees, torch.ones(16))(batch)
+    assert seen == []  # the network alone everywhere: no tree is evaluated
+    # the blend's validation logits come from its parts' without a second pass, exactly as forward gives them
+    from cropmap.calibration import subset_logits
+
+    trees.forward = forward  # type: ignore[method-assign]
+    weights[[1, 6]] = torch.tensor([0.0, 0.4])
+    blended = Blended(net, trees, weights)
+    batches = [batch | {"y": torch.from_numpy(test.y)}]
+    got = blended.pool_subset_logits(subset_logits(net, batches, MODS), subset_logits(trees, batches, MODS))
+    want_all = subset_logits(blended, batches, MODS)
+    assert set(got) == set(want_all) and len(got) == 15
+    for c, (z, y) in want_all.items():
+        np.testing.assert_array_equal(got[c][0], z)
+        np.testing.assert_array_equal(got[c][1], y)
+
+
+def test_blend_options_reach_the_trees_and_are_checked(tmp_path: Path) -> None:
+    from cropmap.errors import ConfigError
+
+    train, val = samples(300, 0, 0), samples(120, 1, 1)
+    opts = {"max_iter": 7, "max_bins": 31, "learning_rate": 0.3}
+    fit_pixels(settings("comiss", blend="trees_dedicated", blend_options=opts), train, val,
+               tmp_path / "model.ckpt", tmp_path / "work")
+    model, _, _ = load_bundle(tmp_path / "model.ckpt")
+    fitted = next(iter(model.model.trees.models.values()))
+    assert (fitted.max_iter, fitted.max_bins, fitted.learning_rate) == (7, 31, 0.3) and fitted.n_iter_ <= 7
+    cfg = tiny_config(tmp_path)
+    cfg["training"]["blend_options"] = opts
+    p = stage_params(validate(cfg), "train", "tiny")
+    assert TrainSettings.from_config(p, "classification", p["months"]).blend_options == opts
+    for bad, msg in [({"max_depth": 3}, "max_depth: method trees_dedicated takes no option 'max_depth'; valid: .*max_bins"),
+                     ({"max_bins": 300}, r"max_bins: 300 should be in \[2, 255\]")]:
+        cfg["training"]["blend_options"] = bad
+        with pytest.raises(ConfigError, match=f"training.blend_options.{msg}"):
+            validate(cfg)

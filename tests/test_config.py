@@ -57,6 +57,10 @@ def test_shipped_config_is_valid_and_filled_with_defaults() -> None:
         (lambda c: c["training"].update(batch_size=1), "config key training.batch_size: 1 is less than the minimum of 2"),
         (lambda c: c["compare"].update(folds=2.0), "config key compare.folds: 2.0 should be of type integer"),
         (lambda c: c["compare"].update(methods=[]), "config key compare.methods: [] should be non-empty"),
+        (lambda c: c["compare"].update(options={"trees_dedicated": {"max_depth": 3}}),
+         "config key compare.options.trees_dedicated.max_depth: method trees_dedicated takes no option 'max_depth'"),
+        (lambda c: c["compare"].update(options={"comiss": {"alpha": 2.0}}), "config key compare.options.comiss.alpha: 2.0 should be in [0, 1]"),
+        (lambda c: c["compare"].update(options={"nope": {}}), "config key compare.options: 'nope' is not one of"),
         (lambda c: c.update(seed=-1), "config key seed: -1 is less than the minimum of 0"),
         (lambda c: c.update(data_dir="data{x}"), "config key data_dir: 'data{x}' is not a usable folder name"),
         (lambda c: c["regions"].update(other=dict(c["regions"]["tiny"], season={"start": "2023-04", "end": "2023-09"},
@@ -135,7 +139,12 @@ def test_segmentation_trains_with_its_own_recipe(tmp_path: Path) -> None:
     assert (seg.epochs, seg.patience, seg.batch_size, seg.lr) == (recipe["epochs"], recipe["patience"], recipe["batch_size"], recipe["lr"])
     assert seg.batch_size < cls.batch_size and seg.device == cls.device and seg.hidden == cls.hidden
     assert (seg.windows_per_epoch, seg.window_augment, seg.cache_mb) == (None, True, recipe["cache_mb"])
-    cfg = validate(tiny_config(tmp_path, compare={"epochs": 3, "regions": ["tiny"]}))
+    cfg = validate(tiny_config(tmp_path, compare={"epochs": 3, "regions": ["tiny"], "options": {"trees_nan": {"max_iter": 7}}},
+                               model={"task": "classification", "method": "comiss", "options": {"alpha": 0.5}}))
+    # compare.options of a method go over the model.options it takes; other methods keep theirs
+    assert stage_params(cfg, "train", "tiny", method="trees_nan")["model"]["options"] == {"max_iter": 7}
+    assert stage_params(cfg, "train", "tiny", method="moddrop")["model"]["options"] == {"alpha": 0.5}
+    assert stage_params(cfg, "train", "tiny")["model"]["options"] == {"alpha": 0.5}  # the map's model: model.options
     p = stage_params(cfg, "train", "tiny", method="imt")
     assert p["training"]["epochs"] == p["training"]["segmentation"]["epochs"] == 3
     assert TrainSettings.from_config(p, "segmentation", months).epochs == 3

@@ -30,7 +30,7 @@ BBOX = [4.80, 45.70, 4.825, 45.719]
 def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     wd = tmp_path_factory.mktemp("precision")
     cfg = tiny_config(wd, model={"task": "classification", "method": "comiss", "hidden": 32},
-                      training={"epochs": 6, "batch_size": 128, "pixels_per_class": 400, "patience": 3},
+                      training={"epochs": 6, "batch_size": 128, "pixels_per_class": 400, "patience": 3, "blend": "none"},
                       evaluation={"max_pixels_per_class": 400})
     cfg["regions"]["tiny"]["bbox"] = BBOX
     (wd / "config.yaml").write_text(yaml.safe_dump(cfg))

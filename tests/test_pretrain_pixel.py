@@ -208,7 +208,8 @@ def test_pretrain_rule_runs_for_a_training_set_and_training_loads_it(tmp_path: P
                                        "season": {"start": "2021-04", "end": "2021-06"}, "min_samples": 10}}
     cfg["model"] |= {"hidden": 8, "pretrain": {"enabled": True, "epochs": 2, "pixel_batch_size": 64}}
     cfg["training"] |= {"epochs": 1, "batch_size": 64, "device": "cpu"}
-    cfg["compare"] = {"epochs": 1, "folds": 2, "methods": ["comiss", "trees_nan"], "regions": ["fields"]}
+    cfg["compare"] = {"epochs": 1, "folds": 2, "methods": ["comiss", "trees_nan"], "regions": ["fields"],
+                      "options": {"trees_nan": {"max_iter": 10, "max_bins": 15}}}
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
     fold_model = "models/fields/compare/fold1/comiss/classification"
     res = snakemake(tmp_path, *(str(tmp_path / m / "train_summary.json") for m in (fold_model, "models/fields/classification")))

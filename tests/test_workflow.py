@@ -294,7 +294,7 @@ def test_tree_reference_draws_the_map(run: Path) -> None:
 
     original = (run / "config.yaml").read_text()
     cfg = yaml.safe_load(original)
-    cfg["model"]["method"] = "trees_dedicated"
+    cfg["model"] |= {"method": "trees_dedicated", "options": cfg["compare"]["options"]["trees_dedicated"]}
     (run / "config.yaml").write_text(yaml.safe_dump(cfg))
     try:
         snakemake(run, "maps")

@@ -39,6 +39,8 @@ GRID = tuple(round(0.1 * i, 1) for i in range(11))
 #: Method of the tree part, and the :func:`cropmap.models.build_model` arguments it takes from the network's.
 TREES = "trees_dedicated"
 TREE_KWARGS = ("task", "modalities", "in_channels", "n_steps", "n_classes")
+#: Most validation samples one weight is chosen on (:func:`best_weight`).
+MAX_WEIGHT_SAMPLES = 4_000
 
 
 def trees_kwargs(model_kwargs: Mapping[str, Any]) -> dict[str, Any]:
@@ -58,8 +60,15 @@ def pooled(net: np.ndarray, trees: np.ndarray, w: float) -> np.ndarray:
     return w * log_softmax(net) + (1 - w) * log_softmax(trees)
 
 
-def best_weight(net: np.ndarray, trees: np.ndarray, y: np.ndarray) -> float:
-    """The :data:`GRID` weight whose pool has the lowest NLL at its best temperature (ties: the larger ``w``)."""
+def best_weight(net: np.ndarray, trees: np.ndarray, y: np.ndarray, max_samples: int = MAX_WEIGHT_SAMPLES) -> float:
+    """The :data:`GRID` weight whose pool has the lowest NLL at its best temperature (ties: the larger ``w``).
+
+    On at most ``max_samples`` rows (a fixed-seed random subset of larger sets: 11 temperature
+    fits on a region's hundreds of thousands of validation pixels would take minutes).
+    """
+    if len(y) > max_samples:
+        rows = np.sort(np.random.default_rng(0).choice(len(y), max_samples, replace=False))
+        net, trees, y = net[rows], trees[rows], y[rows]
     scores = []
     for w in GRID:
         z = pooled(net, trees, w)
@@ -118,7 +127,35 @@ class Blended(Wrapper):
         logits = out["logits"]
         if logits.dim() != 2:
             raise ValueError(f"blending with trees needs pixel logits [B, K]; got shape {tuple(logits.shape)}")
-        tree_logp = self.trees(batch)["logits"].to(logits.device, torch.float32)
         w = self.blend_weights.to(logits.device)[subset_codes(out["avail"])].view(-1, 1)
-        out["logits"] = w * torch.log_softmax(logits.float(), 1) + (1 - w) * tree_logp
+        pooled = w * torch.log_softmax(logits.float(), 1)
+        rows = (w.view(-1) < 1).nonzero().view(-1)  # samples whose subset takes the trees at all
+        if len(rows):
+            n = len(logits)
+            part = {k: v[rows.to(v.device)] if isinstance(v, Tensor) and v.dim() and len(v) == n else v
+                    for k, v in batch.items()}
+            tree_logp = self.trees(part)["logits"].to(logits.device, torch.float32)
+            pooled[rows] += (1 - w[rows]) * tree_logp
+        out["logits"] = pooled
+        return out
+
+    def pool_subset_logits(self, net: Mapping[int, tuple[np.ndarray, np.ndarray]],
+                           trees: Mapping[int, tuple[np.ndarray, np.ndarray]]) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+        """What :func:`cropmap.calibration.subset_logits` gives for this model, from those of its
+        two parts on the same batches (the same float32 operations as :meth:`forward`, so the
+        validation logits are not computed twice).
+
+        Args:
+            net, trees: ``{code: (logits [n, K], y [n])}`` of the network and of the trees.
+
+        Returns:
+            ``{code: (pooled logits [n, K], y [n])}``.
+        """
+        out = {}
+        for c, (z, y) in net.items():
+            w = self.blend_weights[c].view(1, 1)
+            pool = w * torch.log_softmax(torch.from_numpy(z).float(), 1)
+            if w.item() < 1:
+                pool += (1 - w) * torch.from_numpy(trees[c][0]).float()
+            out[c] = (pool.numpy(), y)
         return out

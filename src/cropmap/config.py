@@ -430,6 +430,7 @@ def _train_params(config: dict, base: dict[str, Any], method: str | None, region
 
             takes = method_options(method)
             p["model"]["options"] = {k: v for k, v in p["model"]["options"].items() if k in takes}
+        p["model"]["options"] |= copy.deepcopy(config["compare"]["options"].get(method, {}))
         p["model"]["method"] = method
         if config["compare"]["epochs"]:
             p["training"]["epochs"] = config["compare"]["epochs"]

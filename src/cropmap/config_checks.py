@@ -33,7 +33,8 @@ SET_ELSEWHERE = {"task": "model.task", "modalities": "modalities", "in_channels"
 #: Value ranges of method options (the signature gives the types).
 OPTION_RANGES: dict[str, tuple[float, float, str]] = {
     "dropout": (0.0, 1.0, "in [0, 1)"), "alpha": (0.0, 1.0, "in [0, 1]"), "keep_prob": (0.0, 1.0, "in [0, 1]"),
-    "tau": (1e-12, math.inf, "> 0"), "gamma": (1e-12, math.inf, "> 0"), "temperature": (1e-12, math.inf, "> 0"),
+    "tau": (1e-12, math.inf, "> 0"), "learning_rate": (1e-12, math.inf, "> 0"),
+    "max_bins": (2, 255, "in [2, 255]"), "l2_regularization": (0.0, math.inf, ">= 0"), "gamma": (1e-12, math.inf, "> 0"), "temperature": (1e-12, math.inf, "> 0"),
 }
 
 _TYPES: dict[str, tuple[type, ...]] = {"float": (int, float), "int": (int,), "str": (str,), "bool": (bool,),
@@ -202,7 +203,7 @@ def check_options(options: dict, method: str, key: str = "model.options") -> Non
 
 
 def check_model(config: dict) -> None:
-    """Method/task pairs, encoders per task and ``model.options`` of every method trained."""
+    """Method/task pairs, encoders per task, ``model.options`` and ``compare.options``."""
     from cropmap.config import compare_task
     from cropmap.modalities import TEMPORAL
     from cropmap.models.encoders import ENCODERS
@@ -223,11 +224,17 @@ def check_model(config: dict) -> None:
                 raise ConfigError(f"config key model.encoders.{m}: {name!r} is not a {task} encoder of a "
                                   f"{'temporal' if TEMPORAL[m] else 'static'} modality; use one of {', '.join(valid)}")
     check_options(model["options"], model["method"])
+    for method, options in config["compare"]["options"].items():
+        check_options(options, method, f"compare.options.{method}")
 
 
 def check_training(config: dict) -> None:
-    """``training.devices`` and ``training.strategy`` as Lightning takes them."""
+    """``training.devices`` and ``training.strategy`` as Lightning takes them, and
+    ``training.blend_options`` as the blend's tree method takes them."""
+    from cropmap.blend import TREES
+
     t = config["training"]
+    check_options(t["blend_options"], TREES, "training.blend_options")
     devices = t["devices"]
     if isinstance(devices, int):
         ok = devices >= 1 or (devices == -1 and t["device"] == "cuda")

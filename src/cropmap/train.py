@@ -26,6 +26,7 @@ import json
 import logging
 import math
 import os
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -137,6 +138,8 @@ class TrainSettings:
     blend: Blend = "none"
     #: most training pixels the blend's trees are fitted on (a seeded random subset)
     blend_pixels: int = 4000
+    #: hyper-parameters of the blend's trees (options of :class:`cropmap.models.trees.TreesDedicated`)
+    blend_options: dict[str, Any] = field(default_factory=dict)
     #: pixel methods: checkpoint of the pretrain stage whose encoders fine-tuning starts from
     pretrained: str | None = None
     #: folder of fitted trees shared by the runs of one comparison fold (:func:`fit_trees`)
@@ -163,7 +166,7 @@ class TrainSettings:
             cache_mb=t.get("cache_mb", 2048),
             weight_decay=t["weight_decay"], schedule=t["schedule"], balance=t["balance"], monitor=t["monitor"],
             augment=dict(config["training"]["augment"]), calibration=t["calibration"], blend=t["blend"],
-            blend_pixels=t["blend_pixels"],
+            blend_pixels=t["blend_pixels"], blend_options=dict(t.get("blend_options", {})),
             pretrained=m.get("pretrain", {}).get("checkpoint"), trees_cache=config.get("trees_cache"),
         )
 
@@ -375,9 +378,10 @@ def fit(settings: TrainSettings, train_ds: Dataset, val_ds: Dataset, stats: dict
     module.eval()
     if pixels:
         if settings.blend != "none" and not getattr(module.model, "gradient_free", False):
-            blended = blend_trees(settings, module, train_ds, val_ds)  # type: ignore[arg-type]
+            blended, val_logits = blend_trees(settings, module, train_ds, val_ds)  # type: ignore[arg-type]
             summary["blend_weights"] = [round(float(w), 2) for w in blended.blend_weights]
-        val_logits = subset_logits(blended or module.model, normalised_batches(module.norm, val_ds), settings.modalities)  # type: ignore[arg-type]
+        else:
+            val_logits = subset_logits(module.model, normalised_batches(module.norm, val_ds), settings.modalities)  # type: ignore[arg-type]
         summary |= subset_f1(val_logits, len(settings.modalities))
         if settings.calibration != "none":
             calibration = calibrate(val_logits, len(settings.modalities), settings.calibration)
@@ -411,21 +415,26 @@ def fit_trees(model: torch.nn.Module, norm: Normalizer, train_ds: PixelDataset,
                       batch["mask"].numpy(), batch["y"].numpy(), cache_dir, torch.get_num_threads())
 
 
-def blend_trees(settings: TrainSettings, module: CoLearningModule, train_ds: PixelDataset, val_ds: PixelDataset) -> Blended:
+def blend_trees(settings: TrainSettings, module: CoLearningModule, train_ds: PixelDataset, val_ds: PixelDataset,
+                ) -> tuple[Blended, dict[int, tuple[np.ndarray, np.ndarray]]]:
     """The trained network blended with per-subset trees fitted on the same training pixels
-    (``training.blend``, :mod:`cropmap.blend`): weights per sensor subset chosen on the validation pixels."""
+    (``training.blend``, :mod:`cropmap.blend`): weights per sensor subset chosen on the validation
+    pixels. Also returns the blend's validation logits per subset (:func:`subset_logits`)."""
     from cropmap.models.trees import TreesDedicated
 
-    trees = build_model(**trees_kwargs(settings.model_kwargs()))
+    trees = build_model(**trees_kwargs(settings.model_kwargs()), **settings.blend_options)
     assert isinstance(trees, TreesDedicated)
+    t0 = time.perf_counter()
     fitted = fit_trees(trees, module.norm, train_ds, settings.trees_cache, settings.blend_pixels, settings.seed)
+    log.info("blend: %d tree models fitted in %.0f s; choosing their weights on %d validation pixels",
+             len(fitted["fitted_subsets"]), time.perf_counter() - t0, len(val_ds))
     val = normalised_batches(module.norm, val_ds)
-    with torch.no_grad():
-        weights = fit_weights(subset_logits(module.model, val, settings.modalities),
-                              subset_logits(trees, val, settings.modalities), len(settings.modalities))
+    net_val, trees_val = subset_logits(module.model, val, settings.modalities), subset_logits(trees, val, settings.modalities)
+    weights = fit_weights(net_val, trees_val, len(settings.modalities))
     log.info("blend with %s (%d subsets fitted): network weight per sensor subset %s", trees.method,
              len(fitted["fitted_subsets"]), [round(w, 2) for w in weights])
-    return Blended(module.model, trees, weights).eval()
+    blended = Blended(module.model, trees, weights).eval()
+    return blended, blended.pool_subset_logits(net_val, trees_val)
 
 
 def calibrate(val_logits: dict[int, tuple[np.ndarray, np.ndarray]], n_modalities: int, per: str) -> dict[str, Any]:

@@ -58,7 +58,7 @@ class _Trees(CoLearningModel):
     """Shared part: flattening the inputs, fitting one classifier, predicting log-probabilities.
 
     Args:
-        max_iter, learning_rate, max_leaf_nodes, min_samples_leaf, l2_regularization: of
+        max_iter, learning_rate, max_leaf_nodes, min_samples_leaf, l2_regularization, max_bins: of
             :class:`~sklearn.ensemble.HistGradientBoostingClassifier` (scikit-learn defaults,
             early stopping included: ``"auto"``, on only for more than 10 000 samples).
         balanced: class-balanced sample weights (``class_weight="balanced"``).
@@ -75,7 +75,7 @@ class _Trees(CoLearningModel):
     gradient_free: ClassVar[bool] = True
 
     def __init__(self, *, max_iter: int = 100, learning_rate: float = 0.1, max_leaf_nodes: int = 31,
-                 min_samples_leaf: int = 20, l2_regularization: float = 0.0, balanced: bool = True,
+                 min_samples_leaf: int = 20, l2_regularization: float = 0.0, max_bins: int = 255, balanced: bool = True,
                  random_state: int = 0, threads: int | None = 1, **kw: Any):
         if kw.get("task") != "classification":
             raise ConfigError(f"method {self.method!r} classifies pixel time series: set model.task: classification, "
@@ -85,7 +85,7 @@ class _Trees(CoLearningModel):
             raise ValueError(f"{self.method} supports the multiclass head only, not {self.head_kind!r}")
         self.hgb_params: dict[str, Any] = {
             "max_iter": max_iter, "learning_rate": learning_rate, "max_leaf_nodes": max_leaf_nodes,
-            "min_samples_leaf": min_samples_leaf, "l2_regularization": l2_regularization,
+            "min_samples_leaf": min_samples_leaf, "l2_regularization": l2_regularization, "max_bins": max_bins,
             "class_weight": "balanced" if balanced else None, "random_state": random_state,
             "early_stopping": "auto",  # scikit-learn's default: on above 10 000 samples (10 % held out)
         }
